@@ -1,0 +1,3 @@
+from glance_migrator.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""The command line: parse options, call one function of commands.py, render, exit. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from glance_migrator import __version__, commands, render
+from glance_migrator.errors import Aborted, MigratorError
+from glance_migrator.glance import Glance
+from glance_migrator.state import Strategy
+from glance_migrator.statedb import StateDB, default_db_path
+
+app = typer.Typer(
+    name="glance-migrator",
+    help="Move every Glance image's data to a new store, resumably, verifying each copy before the old one goes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode=None,
+)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help=f"State DB: a path or a SQLAlchemy URL. Default: {default_db_path()}"),
+]
+CloudOption = Annotated[
+    str | None,
+    typer.Option("--os-cloud", help="Cloud name in clouds.yaml (default: OS_CLOUD, or the OS_* variables)."),
+]
+WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Images migrated at the same time.")]
+RunIdOption = Annotated[int | None, typer.Option("--run", help="Run id (default: the latest run).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"glance-migrator {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every HTTP retry and debug detail.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr
+    )
+    if not verbose:  # openstacksdk and keystoneauth are chatty at INFO
+        for name in ("openstack", "keystoneauth", "stevedore", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    from_store: Annotated[str | None, typer.Option("--from-store", help="Glance store the data leaves.")] = None,
+    to_store: Annotated[str | None, typer.Option("--to-store", help="Glance store the data moves to.")] = None,
+    image: Annotated[
+        list[str] | None, typer.Option("--image", help="Only this image UUID (repeatable). Default: every image.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the state DB.")] = False,
+    workers: WorkersOption = 1,
+    db: DbOption = None,
+    os_cloud: CloudOption = None,
+) -> None:
+    """Discover images and migrate them; --resume continues after a crash or Ctrl-C.
+
+    Example: glance-migrator run --from-store file --to-store ceph --workers 4
+    """
+    state = StateDB.open(db)
+    rep = commands.run_migration(
+        state,
+        lambda: Glance.connect(os_cloud),
+        from_store=from_store,
+        to_store=to_store,
+        image_ids=image or [],
+        resume=resume,
+        workers=workers,
+        strategy=Strategy.COPY_IMAGE,
+    )
+    render.print_status(rep)
+    raise typer.Exit(render.exit_code(rep))
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables.")] = False,
+    run_id: RunIdOption = None,
+    db: DbOption = None,
+) -> None:
+    """Show counts per state, and the images that failed or were skipped with the reason.
+
+    Example: glance-migrator status --json | jq '.images[] | select(.state=="failed")'
+    """
+    rep = commands.report(StateDB.open(db), run_id)
+    if as_json:
+        render.print_json(rep)
+    else:
+        render.print_status(rep)
+
+
+@app.command()
+def retry(
+    image: Annotated[list[str] | None, typer.Argument(help="UUID(s) of failed images.", show_default=False)] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Retry every failed image of the run.")] = False,
+    queue_only: Annotated[
+        bool, typer.Option("--queue-only", help="Only re-queue; a later `run --resume` migrates them.")
+    ] = False,
+    run_id: RunIdOption = None,
+    workers: WorkersOption = 1,
+    db: DbOption = None,
+    os_cloud: CloudOption = None,
+) -> None:
+    """Re-queue failed images from the step where they failed, then migrate them.
+
+    Example: glance-migrator retry 3f1c0e2a-8a7b-4c55-9d40-0d3c1f7b2a11
+    """
+    rep = commands.retry(
+        StateDB.open(db),
+        lambda: Glance.connect(os_cloud),
+        image or [],
+        all_failed=all_failed,
+        run_id=run_id,
+        queue_only=queue_only,
+        workers=workers,
+    )
+    render.print_status(rep)
+    raise typer.Exit(render.exit_code(rep))
+
+
+def _abort(_signum: int, _frame: FrameType | None) -> None:
+    raise Aborted("aborted by Ctrl-C; every recorded step is kept, `run --resume` continues")
+
+
+def main() -> None:
+    """Console entry point: the one place where errors become messages and exit codes."""
+    signal.signal(signal.SIGINT, _abort)  # a run installs its own graceful handler on top of this one
+    try:
+        app()  # typer itself handles --help and usage errors (exit 2)
+    except MigratorError as e:
+        typer.echo(f"glance-migrator: error: {e}", err=True)
+        sys.exit(e.exit_code)

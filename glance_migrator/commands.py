@@ -1,0 +1,165 @@
+"""What each CLI command does, without any CLI: the core API that cli.py parses options for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from glance_migrator.discovery import discover, parse_image_ids, preflight
+from glance_migrator.errors import UsageError
+from glance_migrator.glance import Glance
+from glance_migrator.models import ImageRow, Run
+from glance_migrator.runner import Runner, graceful_interrupts
+from glance_migrator.state import State, Strategy
+from glance_migrator.statedb import StateDB
+
+log = logging.getLogger(__name__)
+
+GlanceFactory = Callable[[], Glance]
+
+
+@dataclass
+class RunReport:
+    run: Run
+    counts: dict[str, int]
+    images: list[ImageRow]
+
+    @property
+    def complete(self) -> bool:
+        return self.run.finished_at is not None
+
+    @property
+    def problems(self) -> list[ImageRow]:
+        return [row for row in self.images if row.state in (State.FAILED, State.SKIPPED)]
+
+
+def run_migration(
+    db: StateDB,
+    connect: GlanceFactory,
+    *,
+    from_store: str | None,
+    to_store: str | None,
+    image_ids: Sequence[str] = (),
+    resume: bool = False,
+    workers: int = 1,
+    strategy: Strategy = Strategy.COPY_IMAGE,
+    **ctx_options: float,
+) -> RunReport:
+    """Start a run (discover, then migrate), or with `resume` continue the unfinished one."""
+    ids = parse_image_ids(image_ids)
+    unfinished = db.unfinished_run()
+    if unfinished is not None and resume:
+        for option, given, recorded in (
+            ("--from-store", from_store, unfinished.from_store),
+            ("--to-store", to_store, unfinished.to_store),
+        ):
+            if given is not None and given != recorded:
+                raise UsageError(f"{option} {given!r} differs from the unfinished run {unfinished.id}'s {recorded!r}")
+        if ids:
+            raise UsageError("--image cannot be combined with --resume: the run's images were chosen when it started")
+        run = unfinished
+        glance = connect()
+        log.info("resuming run %d: %s -> %s", run.id, run.from_store, run.to_store)
+    elif unfinished is not None:
+        raise UsageError(
+            f"run {unfinished.id} ({unfinished.from_store} -> {unfinished.to_store}) is not finished; "
+            "continue it with `glance-migrator run --resume`"
+        )
+    else:
+        if not from_store or not to_store:
+            raise UsageError(
+                "nothing to resume; start a run with --from-store OLD --to-store NEW"
+                if resume
+                else "--from-store and --to-store are required to start a run"
+            )
+        glance = connect()
+        preflight(glance, from_store, to_store, strategy)
+        rows = discover(glance, ids, from_store, to_store, strategy)
+        run = db.create_run(from_store, to_store, strategy, glance.cloud, rows)
+        pending = sum(1 for row, _ in rows if row.state == State.PENDING)
+        log.info("run %d: %d image(s) found, %d to migrate %s -> %s", run.id, len(rows), pending, from_store, to_store)
+    runner = Runner(db, glance, run, workers, **ctx_options)
+    with graceful_interrupts(runner):
+        runner.run()
+    db.finish_run_if_complete(run.id)
+    return report(db, run.id)
+
+
+def report(db: StateDB, run_id: int | None = None) -> RunReport:
+    run = db.get_run(run_id)
+    return RunReport(run, db.counts(run.id), db.images(run.id))
+
+
+def retry(
+    db: StateDB,
+    connect: GlanceFactory,
+    image_ids: Sequence[str],
+    *,
+    all_failed: bool = False,
+    run_id: int | None = None,
+    queue_only: bool = False,
+    workers: int = 1,
+    **ctx_options: float,
+) -> RunReport:
+    """Put failed images back at the step they failed at, then (unless queue_only) migrate them now."""
+    if not image_ids and not all_failed:
+        raise UsageError("name the image(s) to retry, or use --all-failed")
+    ids = parse_image_ids(image_ids)
+    run = db.get_run(run_id)
+    if all_failed:
+        ids = [row.image_id for row in db.images(run.id, [State.FAILED])]
+        if not ids:
+            raise UsageError(f"run {run.id} has no failed image")
+    for image_id in ids:  # check all before changing any
+        row = db.image(run.id, image_id)
+        if row is None:
+            raise UsageError(f"image {image_id} is not part of run {run.id}")
+        if row.state != State.FAILED:
+            raise UsageError(f"image {image_id} is {row.state}, not failed; only failed images can be retried")
+    for image_id in ids:
+        row = db.requeue_failed(run.id, image_id)
+        log.info("%s (%s): re-queued at %s", image_id, row.name or "unnamed", row.state)
+    if queue_only:
+        return report(db, run.id)
+    return run_migration(db, connect, from_store=None, to_store=None, resume=True, workers=workers, **ctx_options)
+
+
+def status_document(rep: RunReport) -> dict[str, Any]:
+    """The `status --json` document: a stable shape that scripts can rely on (see tests/test_cli.py)."""
+    run = rep.run
+    return {
+        "run": {
+            "id": run.id,
+            "from_store": run.from_store,
+            "to_store": run.to_store,
+            "strategy": run.strategy,
+            "cloud": run.cloud,
+            "created_at": _iso(run.created_at),
+            "finished_at": _iso(run.finished_at),
+            "complete": rep.complete,
+        },
+        "counts": {str(state): rep.counts.get(str(state), 0) for state in State},
+        "total": len(rep.images),
+        "images": [
+            {
+                "id": row.image_id,
+                "name": row.name,
+                "state": row.state,
+                "failed_at": row.failed_at,
+                "error": row.error,
+                "error_kind": row.error_kind,
+                "attempts": row.attempts,
+                "size": row.size,
+                "stores_before": row.stores,
+                "stores_after": row.after_stores,
+                "updated_at": _iso(row.updated_at),
+            }
+            for row in rep.images
+        ],
+    }
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() + "Z" if value is not None else None

@@ -1,0 +1,105 @@
+"""Before a run: check the cloud can do it, then find every image and decide what each one needs."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from glance_migrator.errors import CloudError, UsageError
+from glance_migrator.glance import ADMIN_ROLES, Glance, image_stores
+from glance_migrator.models import ImageRow
+from glance_migrator.state import State, Strategy
+from glance_migrator.verify import has_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def preflight(glance: Glance, from_store: str, to_store: str, strategy: Strategy) -> None:
+    """Refuse, before anything changes, a run that cannot work on this cloud."""
+    if from_store == to_store:
+        raise UsageError(f"--from-store and --to-store are both {from_store!r}; nothing to move")
+    stores = glance.stores()
+    if stores is None:
+        raise CloudError(
+            "this Glance has no multi-store support (GET /v2/info/stores: 404); "
+            f"strategy {strategy} needs enabled_backends"
+        )
+    known = {s.id for s in stores}
+    for option, store in (("--from-store", from_store), ("--to-store", to_store)):
+        if store not in known:
+            raise UsageError(f"{option} {store!r}: Glance has no such store (stores: {', '.join(sorted(known))})")
+    if strategy == Strategy.COPY_IMAGE and "copy-image" not in glance.import_methods():
+        raise CloudError("Glance does not offer the copy-image import method (enabled_import_methods)")
+    roles = glance.roles()
+    if roles and not roles & ADMIN_ROLES:
+        raise CloudError(
+            f"the credentials have roles {sorted(roles)}, not admin: Glance's default policy lets only "
+            "admins copy images between stores and delete from a store"
+        )
+
+
+def parse_image_ids(values: Sequence[str]) -> list[str]:
+    ids = []
+    for value in values:
+        try:
+            ids.append(str(uuid.UUID(value)))
+        except ValueError:
+            raise UsageError(f"{value!r} is not an image UUID") from None
+    return ids
+
+
+def discover(
+    glance: Glance, image_ids: Sequence[str], from_store: str, to_store: str, strategy: Strategy
+) -> list[tuple[ImageRow, str | None]]:
+    """One row per image: pending, or already done / skipped, each with the reason for the event log."""
+    if image_ids:
+        images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]
+    else:
+        images = glance.list_images()
+    rows: dict[str, tuple[ImageRow, str | None]] = {}
+    for image in images:
+        rows.setdefault(image["id"], classify(image, from_store, to_store, strategy))
+    return list(rows.values())
+
+
+def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:
+    image = glance.get_image(image_id)
+    if image is None:
+        raise UsageError(f"no image {image_id} in Glance")
+    return image
+
+
+def classify(
+    image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy
+) -> tuple[ImageRow, str | None]:
+    stores = image_stores(image)
+    state, reason = State.PENDING, None
+    if image.get("status") != "active":
+        state, reason = State.SKIPPED, f"status is {image.get('status')}, not active"
+    elif to_store in stores and from_store not in stores:
+        state, reason = State.DONE, f"already in {to_store} only"
+    elif from_store not in stores:
+        state, reason = State.SKIPPED, f"not in store {from_store} (stores: {','.join(sorted(stores)) or 'none'})"
+    elif not has_fingerprint(image):
+        state, reason = State.SKIPPED, "Glance recorded no size or checksum for it, so a copy cannot be verified"
+    row = ImageRow(
+        image_id=image["id"],
+        name=image.get("name"),
+        status=image.get("status") or "unknown",
+        size=image.get("size"),
+        checksum=image.get("checksum"),
+        os_hash_algo=image.get("os_hash_algo"),
+        os_hash_value=image.get("os_hash_value"),
+        stores=",".join(sorted(stores)),
+        owner=image.get("owner"),
+        visibility=image.get("visibility"),
+        os_hidden=bool(image.get("os_hidden")),
+        strategy=str(strategy),
+        state=str(state),
+        error=reason if state == State.SKIPPED else None,
+        error_kind="skipped" if state == State.SKIPPED else None,
+        attempts=0,
+    )
+    return row, reason

@@ -1,0 +1,241 @@
+"""Everything glance-migrator asks of Glance (Image API v2), through an openstacksdk connection.
+
+Images are handled as the plain JSON dicts Glance returns: every property is a top-level key, as in
+the API reference. Transient failures (connection errors, 429, 500, 502, 503, 504) are retried here
+with bounded exponential backoff; if they persist the run stops with GlanceUnavailable, which leaves
+every image in a resumable state. Any other HTTP error becomes GlanceHTTPError for the caller to judge.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import openstack
+import requests
+from keystoneauth1 import exceptions as ksa_exc
+from openstack import exceptions as sdk_exc
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from glance_migrator.errors import CloudError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+RETRY_ATTEMPTS: Final = 6
+RETRY_WAIT_FIRST: Final = 0.5  # seconds; doubles on each attempt ...
+RETRY_WAIT_MAX: Final = 15.0  # ... up to this, so a burst of ~30 s of trouble is ridden out
+PAGE_SIZE: Final = 200
+TIMEOUT: Final = (10, 300)  # connect, read: a store delete or a large listing can take minutes
+ADMIN_ROLES: Final = frozenset({"admin"})
+
+
+class GlanceHTTPError(Exception):
+    """Glance answered with an error that is not transient."""
+
+    def __init__(self, status: int, method: str, path: str, detail: str) -> None:
+        super().__init__(f"{method} {path}: HTTP {status} {detail}".strip())
+        self.status = status
+        self.detail = detail
+
+
+class TransientHTTPError(GlanceHTTPError):
+    """429 or 5xx: worth another try."""
+
+
+class GlanceUnavailable(CloudError):
+    """Glance stayed unreachable or kept answering 5xx after every retry; progress so far is saved."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        TransientHTTPError
+        | ksa_exc.ConnectionError
+        | ksa_exc.ConnectTimeout
+        | requests.ConnectionError
+        | requests.Timeout
+        | ksa_exc.RetriableConnectionFailure,
+    )
+
+
+_retry_transient = retry(
+    retry=retry_if_exception(_is_transient),
+    stop=stop_after_attempt(RETRY_ATTEMPTS),
+    wait=wait_exponential(multiplier=RETRY_WAIT_FIRST, max=RETRY_WAIT_MAX),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
+
+
+def _detail(response: requests.Response) -> str:
+    """Glance's error bodies are HTML-ish or JSON; keep one readable line."""
+    text = response.text or ""
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            for key in ("message", "title", "error"):
+                if key in body:
+                    text = str(body[key])
+                    break
+    except ValueError:
+        pass
+    return html.unescape(" ".join(text.replace("<br />", " ").split()))[:300]
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    id: str
+    default: bool
+    description: str
+
+
+def image_stores(image: dict[str, Any]) -> set[str]:
+    """The stores holding the image: Glance reports them as a comma-separated string."""
+    return _csv(image.get("stores"))
+
+
+def _csv(value: Any) -> set[str]:
+    return {s.strip() for s in str(value or "").split(",") if s.strip()}
+
+
+def failed_import_stores(image: dict[str, Any]) -> set[str]:
+    return _csv(image.get("os_glance_failed_import"))
+
+
+def importing_stores(image: dict[str, Any]) -> set[str]:
+    return _csv(image.get("os_glance_importing_to_stores"))
+
+
+class Glance:
+    def __init__(self, conn: openstack.connection.Connection, cloud: str | None = None) -> None:
+        self.conn = conn
+        self.cloud = cloud
+
+    @classmethod
+    def connect(cls, cloud: str | None) -> Glance:
+        """Connect like the openstack CLI (--os-cloud, OS_CLOUD, clouds.yaml, OS_* variables) and authenticate."""
+        try:
+            conn = openstack.connect(cloud=cloud, load_envvars=cloud is None)
+            conn.authorize()
+        except sdk_exc.ConfigException as e:
+            raise CloudError(f"cloud configuration: {e}") from e
+        except ksa_exc.Unauthorized as e:
+            raise CloudError("the cloud refused our credentials (HTTP 401); check the password or token") from e
+        except (ksa_exc.ConnectionError, requests.ConnectionError) as e:
+            raise CloudError(f"cannot reach the cloud's identity service: {_short(e)}") from e
+        except (ksa_exc.ClientException, sdk_exc.SDKException) as e:
+            raise CloudError(f"cannot authenticate to the cloud: {_short(e)}") from e
+        return cls(conn, cloud or getattr(conn.config, "name", None))
+
+    def roles(self) -> set[str]:
+        try:
+            access = self.conn.session.auth.get_access(self.conn.session)
+            return set(access.role_names or [])
+        except (ksa_exc.ClientException, AttributeError):
+            return set()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @_retry_transient
+    def _request(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> requests.Response:
+        try:
+            headers = {"Accept": "application/json", **kwargs.pop("headers", {})}  # else errors come as HTML
+            response = self.conn.image.request(
+                path, method, raise_exc=False, timeout=TIMEOUT, headers=headers, **kwargs
+            )
+        except ksa_exc.EndpointNotFound as e:
+            raise CloudError(f"the cloud's catalog has no image (Glance) endpoint: {e}") from e
+        except ksa_exc.Unauthorized as e:
+            raise CloudError("the cloud refused our credentials (HTTP 401)") from e
+        if response.status_code in ok:
+            return response
+        error = TransientHTTPError if response.status_code in TRANSIENT_STATUSES else GlanceHTTPError
+        raise error(response.status_code, method, path, _detail(response))
+
+    def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> requests.Response:
+        """`_request` whose retries, once spent, stop the run (GlanceUnavailable) instead of the image."""
+        try:
+            return self._request(method, path, ok, **kwargs)
+        except TransientHTTPError as e:
+            raise GlanceUnavailable(f"Glance keeps failing: {e}; progress is saved, run again with --resume") from e
+        except (ksa_exc.ConnectionError, requests.ConnectionError, requests.Timeout) as e:
+            raise GlanceUnavailable(
+                f"Glance unreachable: {_short(e)}; progress is saved, run again with --resume"
+            ) from e
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def get_image(self, image_id: str) -> dict[str, Any] | None:
+        """The image as Glance shows it now, or None when it does not exist (any more)."""
+        try:
+            return dict(self._call("GET", f"/images/{image_id}").json())
+        except GlanceHTTPError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list_images(self) -> Iterator[dict[str, Any]]:
+        """Every image an admin can see: all visibilities (community included), hidden or not.
+
+        A plain list leaves out community images of other projects and every os_hidden image, which
+        is how images get forgotten in a migration; so list visibility=all, once per os_hidden value.
+        """
+        for hidden in ("false", "true"):
+            path: str | None = f"/images?visibility=all&os_hidden={hidden}&limit={PAGE_SIZE}"
+            while path:
+                body = self._call("GET", path).json()
+                yield from body.get("images", [])
+                nxt = body.get("next")
+                path = nxt.removeprefix("/v2") if nxt else None
+
+    def stores(self) -> list[StoreInfo] | None:
+        """The stores Glance is configured with, or None on a Glance without multi-store."""
+        try:
+            body = self._call("GET", "/info/stores").json()
+        except GlanceHTTPError as e:
+            if e.status == 404:
+                return None
+            raise
+        return [
+            StoreInfo(s["id"], bool(s.get("default", False)), s.get("description", ""))
+            for s in body.get("stores", [])
+        ]
+
+    def import_methods(self) -> list[str]:
+        try:
+            body = self._call("GET", "/info/import").json()
+        except GlanceHTTPError as e:
+            if e.status == 404:
+                return []
+            raise
+        return list(body.get("import-methods", {}).get("value", []))
+
+    # -- changing ----------------------------------------------------------------------------------
+
+    def copy_to_store(self, image_id: str, store: str) -> None:
+        """Ask Glance to copy the image's data to `store` (import method copy-image); Glance answers 202."""
+        self._call(
+            "POST",
+            f"/images/{image_id}/import",
+            ok=(202,),
+            json={"method": {"name": "copy-image"}, "stores": [store], "all_stores_must_succeed": True},
+        )
+
+    def delete_from_store(self, image_id: str, store: str) -> None:
+        """Delete the image's data from one store (the image and its other copies stay)."""
+        self._call("DELETE", f"/stores/{store}/{image_id}", ok=(204,))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

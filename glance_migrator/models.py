@@ -1,0 +1,91 @@
+"""The state DB's tables (SQLAlchemy 2 typed ORM). Alembic's scripts in migrations/ create them.
+
+runs    one row per migration run: where from, where to, how.
+images  one row per (run, image): what the image was at discovery, where it is now, who holds it.
+events  append-only log of every state change, the audit trail behind `status` and `report`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite keeps no time zone, so every timestamp in the DB is UTC by convention."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    from_store: Mapped[str] = mapped_column(String(255))
+    to_store: Mapped[str] = mapped_column(String(255))
+    strategy: Mapped[str] = mapped_column(String(32))
+    cloud: Mapped[str | None] = mapped_column(String(255))
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # What the image was at discovery: the reference every later check compares against.
+    name: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int | None] = mapped_column(Integer)
+    checksum: Mapped[str | None] = mapped_column(String(32))
+    os_hash_algo: Mapped[str | None] = mapped_column(String(64))
+    os_hash_value: Mapped[str | None] = mapped_column(String(128))
+    stores: Mapped[str | None] = mapped_column(String(255))
+    owner: Mapped[str | None] = mapped_column(String(64))
+    visibility: Mapped[str | None] = mapped_column(String(32))
+    os_hidden: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where the migration stands.
+    strategy: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    failed_at: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # What Glance reported once the copy was verified, and at the end.
+    after_stores: Mapped[str | None] = mapped_column(String(255))
+    after_checksum: Mapped[str | None] = mapped_column(String(32))
+    after_hash_value: Mapped[str | None] = mapped_column(String(128))
+    after_size: Mapped[int | None] = mapped_column(Integer)
+    # The runner working on this image, and until when its claim holds without a heartbeat.
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    image_id: Mapped[str] = mapped_column(String(36))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    from_state: Mapped[str | None] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)

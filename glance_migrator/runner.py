@@ -1,0 +1,169 @@
+"""Workers that take images one at a time (under a lease) and walk them along their strategy's path.
+
+Each step's effect is recorded in its own transaction right after the step returns, so a kill at any
+instant loses at most the step in flight, which is idempotent and simply runs again on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Final
+
+from glance_migrator.errors import Aborted, ImageFailure, ImageSkipped, InternalError, MigratorError
+from glance_migrator.glance import Glance, GlanceHTTPError
+from glance_migrator.models import ImageRow, Run
+from glance_migrator.state import TERMINAL, State, Strategy, next_state
+from glance_migrator.statedb import LEASE_TTL, LeaseLost, LeaseOwner, StateDB
+from glance_migrator.strategies import Interrupted, StepContext, steps_for
+
+log = logging.getLogger(__name__)
+
+WAIT_FOR_OTHERS: Final = 2.0  # seconds between looks when another runner holds the remaining images
+
+
+class Runner:
+    def __init__(self, db: StateDB, glance: Glance, run: Run, workers: int = 1, **ctx_options: float) -> None:
+        self.db = db
+        self.glance = glance
+        self.run_row = run
+        self.workers = max(1, workers)
+        self.owner = LeaseOwner.me()
+        self.stop = threading.Event()  # set on Ctrl-C or on a fatal error: take no new step
+        self.fatal: MigratorError | None = None
+        self._ctx_options = ctx_options
+        self._waiting_logged = False
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        """Work until every image of the run is finished, the operator stops us, or a fatal error."""
+        heartbeat_done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_done,), daemon=True)
+        heartbeat.start()
+        threads = [
+            threading.Thread(target=self._worker, name=f"worker-{i + 1}", daemon=True) for i in range(self.workers)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)  # short joins keep the main thread responsive to a second Ctrl-C
+        finally:
+            heartbeat_done.set()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        while not done.wait(LEASE_TTL.total_seconds() / 4):
+            try:
+                self.db.renew_leases(self.owner)
+            except MigratorError as e:
+                log.warning("could not renew leases: %s", e)
+
+    def _worker(self) -> None:
+        while not self.stop.is_set():
+            try:
+                row = self.db.claim_next(self.run_row.id, self.owner, exclude=set())
+                if row is None:
+                    if not self._wait_for_others():
+                        return
+                    continue
+                try:
+                    self._process(row)
+                finally:
+                    self.db.release(row.run_id, row.image_id, self.owner)
+            except MigratorError as e:
+                self._fail_run(e)
+            except Exception as e:  # noqa: BLE001 - a bug must stop the run loudly, not kill one thread quietly
+                log.exception("internal error")
+                self._fail_run(InternalError(f"internal error: {type(e).__name__}: {e}"))
+
+    def _wait_for_others(self) -> bool:
+        """True while another live runner holds unfinished images of this run (we wait for them)."""
+        others = self.db.leased_by_others(self.run_row.id, self.owner)
+        if not others:
+            return False
+        with self._lock:
+            if not self._waiting_logged:
+                holders = sorted({row.lease_owner or "" for row in others})
+                log.info("%d image(s) are being migrated by another runner (%s); waiting", len(others), ", ".join(holders))
+                self._waiting_logged = True
+        return not self.stop.wait(WAIT_FOR_OTHERS)
+
+    def _fail_run(self, error: MigratorError) -> None:
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = error
+                log.error("stopping the run: %s", error)
+        self.stop.set()
+
+    def _process(self, row: ImageRow) -> None:
+        strategy = Strategy(row.strategy)
+        steps = steps_for(strategy)
+        ctx = StepContext(self.glance, self.run_row.from_store, self.run_row.to_store, self.stop, **self._ctx_options)
+        self.db.bump_attempts(row.run_id, row.image_id)
+        label = f"{row.image_id} ({row.name or 'unnamed'})"
+        while State(row.state) not in TERMINAL:
+            target = next_state(strategy, State(row.state))
+            if target is None:  # a state outside this strategy's path: a bug or a hand-edited DB
+                raise MigratorError(f"image {row.image_id}: state {row.state} has no next step for {strategy}")
+            try:
+                result = steps[target](ctx, row)
+            except Interrupted:
+                log.info("%s: stopped while at %s; resume continues from there", label, row.state)
+                return
+            except ImageSkipped as e:
+                self._record(row, State.SKIPPED, str(e), error=str(e), error_kind="skipped")
+                log.warning("%s: skipped: %s", label, e)
+                return
+            except ImageFailure as e:
+                self._record(row, State.FAILED, str(e), error=str(e), error_kind=e.kind)
+                log.error("%s: failed at %s: %s", label, row.state, e)
+                return
+            except GlanceHTTPError as e:
+                self._record(row, State.FAILED, str(e), error=str(e), error_kind="glance")
+                log.error("%s: failed at %s: %s", label, row.state, e)
+                return
+            except LeaseLost as e:
+                log.warning("%s: %s; leaving it to that runner", label, e)
+                return
+            try:
+                row = self._record(row, target, result.message, **result.fields)
+            except LeaseLost as e:
+                log.warning("%s: %s; leaving it to that runner", label, e)
+                return
+            log.info("%s: %s: %s", label, target, result.message)
+            if self.stop.is_set():
+                return
+
+    def _record(self, row: ImageRow, target: State, message: str, **fields: object) -> ImageRow:
+        return self.db.transition(row.run_id, row.image_id, target, message, owner=self.owner, **fields)
+
+
+@contextmanager
+def graceful_interrupts(runner: Runner) -> Iterator[None]:
+    """First Ctrl-C (or SIGTERM): finish the steps in flight, record them, stop. Second Ctrl-C: abort now."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if runner.stop.is_set() and signum == signal.SIGINT:
+            raise Aborted("aborted by a second Ctrl-C; every recorded step is kept, `run --resume` continues")
+        log.warning(
+            "%s: finishing the steps in flight, then stopping (Ctrl-C again to abort at once)",
+            signal.Signals(signum).name,
+        )
+        runner.stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,93 @@
+"""The states an image goes through, and the one table that says which changes are legal (h11's habit).
+
+Each strategy is a straight path of progress states from PENDING to DONE. A state is named for what is
+true once it is reached: COPIED means the target store holds a verified copy. Besides the path:
+  - any unfinished state may go to FAILED (the row keeps `failed_at`, the state it failed from),
+    and a non-started image to SKIPPED (not active, not in the source store...);
+  - PENDING may go straight to DONE when the image is already where it must be;
+  - FAILED goes back to the state it failed at (or where RETRY_FROM says) on the operator's `retry`.
+`check_transition` is the only judge; the DB layer calls it before writing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Final
+
+from glance_migrator.errors import IllegalTransition
+
+
+class Strategy(StrEnum):
+    COPY_IMAGE = "copy-image"
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    COPY_REQUESTED = "copy-requested"  # Glance accepted (or is already running) a copy-image task
+    COPIED = "copied"  # the target store holds the image, hashes as recorded at discovery
+    OLD_REMOVED = "old-removed"  # the source store no longer holds it
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+PATHS: Final[Mapping[Strategy, tuple[State, ...]]] = {
+    Strategy.COPY_IMAGE: (State.PENDING, State.COPY_REQUESTED, State.COPIED, State.OLD_REMOVED, State.DONE),
+}
+
+# Where `retry` resumes an image that failed while at a given state, when that is not the state itself:
+# a copy-image task that failed left a stale os_glance_failed_import mark, so the copy must be asked
+# for again (pending -> copy-requested) rather than waited for.
+RETRY_FROM: Final[Mapping[tuple[Strategy, State], State]] = {
+    (Strategy.COPY_IMAGE, State.COPY_REQUESTED): State.PENDING,
+}
+
+TERMINAL: Final = frozenset({State.DONE, State.FAILED, State.SKIPPED})
+
+# What each step does, for logs and the state diagram: the step that leads *into* the state.
+STEP_DESCRIPTIONS: Final[Mapping[State, str]] = {
+    State.COPY_REQUESTED: "ask Glance to copy the image to the target store (import method copy-image)",
+    State.COPIED: "wait until the target store lists the image; check its hashes are unchanged",
+    State.OLD_REMOVED: "delete the image's data from the source store (DELETE /v2/stores/{from}/{id})",
+    State.DONE: "confirm: target store only, hashes as at discovery",
+}
+
+
+def next_state(strategy: Strategy, state: State) -> State | None:
+    """The state the next step of `strategy` leads to from `state`, or None at the end of the path."""
+    path = PATHS[strategy]
+    if state not in path:
+        return None
+    i = path.index(state)
+    return path[i + 1] if i + 1 < len(path) else None
+
+
+def retry_state(strategy: Strategy, failed_at: State) -> State:
+    """The state a failed image goes back to on `retry`."""
+    return RETRY_FROM.get((strategy, failed_at), failed_at)
+
+
+def check_transition(
+    strategy: Strategy, current: State, target: State, failed_at: State | None = None
+) -> None:
+    """Raise IllegalTransition unless the table allows `current -> target` for `strategy`."""
+    path = PATHS[strategy]
+    allowed = (
+        (current in path and target == next_state(strategy, current))
+        or (current not in TERMINAL and target == State.FAILED)
+        or (current == State.PENDING and target in (State.SKIPPED, State.DONE))
+        or (current == State.FAILED and failed_at is not None and target == retry_state(strategy, failed_at))
+    )
+    if not allowed:
+        raise IllegalTransition(f"illegal transition {current} -> {target} for strategy {strategy}")
+
+
+def transitions(strategy: Strategy) -> list[tuple[State, State]]:
+    """Every legal edge of `strategy`, for the README's state diagram and its drift test."""
+    path = PATHS[strategy]
+    edges = [(a, b) for a, b in zip(path, path[1:], strict=False)]
+    edges += [(State.PENDING, State.SKIPPED), (State.PENDING, State.DONE)]
+    edges += [(s, State.FAILED) for s in path if s not in TERMINAL]
+    edges += sorted({(State.FAILED, retry_state(strategy, s)) for s in path if s not in TERMINAL})
+    return edges

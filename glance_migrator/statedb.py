@@ -1,0 +1,405 @@
+"""Opening the state DB, upgrading its schema, and every read and write of migration state.
+
+Nothing else in the package talks SQL. Every transaction on SQLite starts with BEGIN IMMEDIATE, so
+writers queue on the DB lock (busy_timeout) instead of failing half-way with "database is locked",
+and a lease claim (select a free image, then mark it ours) is atomic between processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import Any, Final
+
+import platformdirs
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from glance_migrator.errors import BusyError, StateDBError, UsageError
+from glance_migrator.models import Event, ImageRow, Run, utcnow
+from glance_migrator.state import TERMINAL, State, Strategy, check_transition, retry_state
+
+SQLITE_HEADER: Final = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS: Final = 30_000
+LEASE_TTL: Final = timedelta(seconds=60)  # a runner renews its leases every LEASE_TTL / 4
+
+
+def default_db_path() -> Path:
+    return platformdirs.user_data_path("glance-migrator") / "state.db"
+
+
+def db_url(db: str | None) -> str:
+    """`--db` takes a path or a SQLAlchemy URL; nothing means the file in the user's data dir."""
+    if db and "://" in db:
+        return db
+    path = Path(db).expanduser() if db else default_db_path()
+    return f"sqlite:///{path}"
+
+
+@dataclass(frozen=True)
+class LeaseOwner:
+    """Who holds a lease: host and pid let a runner on the same host take over at once from a dead one."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def me(cls) -> LeaseOwner:
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}"
+
+    @classmethod
+    def parse(cls, text: str) -> LeaseOwner | None:
+        try:
+            host, pid, token = text.rsplit(":", 2)
+            return cls(host, int(pid), token)
+        except ValueError:
+            return None
+
+    def is_dead(self) -> bool:
+        """True only when we can tell for sure: same host and no such process."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+class LeaseLost(Exception):  # noqa: N818 - an event, not a failure of the image
+    """Our lease on an image was taken over (we stalled past its expiry); stop working on it."""
+
+
+class StateDB:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, db: str | None) -> StateDB:
+        """Open (creating if needed) and upgrade the state DB; refuse a corrupt or newer one."""
+        url = db_url(db)
+        if url.startswith("sqlite:///"):
+            _check_sqlite_file(Path(url.removeprefix("sqlite:///")))
+        self = cls(url)
+        self._upgrade()
+        return self
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ------------------------------------------------------------------------------------
+
+    def _upgrade(self) -> None:
+        with _db_errors(self.url), as_file(files("glance_migrator_migrations")) as script_dir:
+            config = Config()
+            config.set_main_option("script_location", str(script_dir))
+            scripts = ScriptDirectory.from_config(config)
+            with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one upgrader at a time
+                current = MigrationContext.configure(conn).get_current_heads()
+                known = {rev.revision for rev in scripts.walk_revisions()}
+                newer = [rev for rev in current if rev not in known]
+                if newer:
+                    raise StateDBError(
+                        f"state DB {self.url} has schema revision {newer[0]}, made by a newer "
+                        f"glance-migrator; upgrade glance-migrator (it knows up to {scripts.get_current_head()})"
+                    )
+                if current and not _looks_like_ours(conn):
+                    raise StateDBError(f"{self.url} is not a glance-migrator state DB")
+                if not current and _has_foreign_tables(conn):
+                    raise StateDBError(
+                        f"{self.url} is a SQLite DB of something else; refusing to write into it"
+                    )
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction that commits on success; DB-level failures become StateDBError."""
+        with _db_errors(self.url), self._sessions.begin() as session:
+            yield session
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        from_store: str,
+        to_store: str,
+        strategy: Strategy,
+        cloud: str | None,
+        images: Sequence[tuple[ImageRow, str | None]],
+    ) -> Run:
+        """Record a run and all its images in one transaction: a crash leaves all of it or none."""
+        with self.session() as s:
+            unfinished = s.scalars(sa.select(Run).where(Run.finished_at.is_(None))).first()
+            if unfinished is not None:
+                raise UsageError(
+                    f"run {unfinished.id} ({unfinished.from_store} -> {unfinished.to_store}) is not finished; "
+                    "continue it with `glance-migrator run --resume`"
+                )
+            run = Run(from_store=from_store, to_store=to_store, strategy=str(strategy), cloud=cloud)
+            s.add(run)
+            s.flush()
+            for row, reason in images:
+                row.run_id = run.id
+                s.add(row)
+                s.add(Event(run_id=run.id, image_id=row.image_id, to_state=row.state, message=reason))
+            return run
+
+    def get_run(self, run_id: int | None = None) -> Run:
+        """The given run, or else the latest one."""
+        with self.session() as s:
+            query = sa.select(Run).order_by(Run.id.desc())
+            if run_id is not None:
+                query = query.where(Run.id == run_id)
+            run = s.scalars(query).first()
+        if run is None:
+            raise UsageError(f"no run {run_id} in the state DB" if run_id else "the state DB holds no run yet")
+        return run
+
+    def unfinished_run(self) -> Run | None:
+        with self.session() as s:
+            return s.scalars(sa.select(Run).where(Run.finished_at.is_(None)).order_by(Run.id.desc())).first()
+
+    def finish_run_if_complete(self, run_id: int) -> bool:
+        with self.session() as s:
+            open_rows = s.scalar(
+                sa.select(sa.func.count())
+                .select_from(ImageRow)
+                .where(ImageRow.run_id == run_id, ImageRow.state.not_in([str(t) for t in TERMINAL]))
+            )
+            if open_rows:
+                return False
+            run = s.get_one(Run, run_id)
+            if run.finished_at is None:
+                run.finished_at = utcnow()
+            return True
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def images(self, run_id: int, states: Sequence[State] | None = None) -> list[ImageRow]:
+        with self.session() as s:
+            query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.created_at)
+            if states is not None:
+                query = query.where(ImageRow.state.in_([str(st) for st in states]))
+            return list(s.scalars(query))
+
+    def image(self, run_id: int, image_id: str) -> ImageRow | None:
+        with self.session() as s:
+            return s.get(ImageRow, (run_id, image_id))
+
+    def counts(self, run_id: int) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(
+                sa.select(ImageRow.state, sa.func.count()).where(ImageRow.run_id == run_id).group_by(ImageRow.state)
+            )
+            return {state: n for state, n in rows}
+
+    def events(self, run_id: int, image_id: str | None = None) -> list[Event]:
+        with self.session() as s:
+            query = sa.select(Event).where(Event.run_id == run_id).order_by(Event.id)
+            if image_id:
+                query = query.where(Event.image_id == image_id)
+            return list(s.scalars(query))
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    def claim_next(self, run_id: int, owner: LeaseOwner, exclude: set[str]) -> ImageRow | None:
+        """Take the lease on the next unfinished image nobody live holds; None when none is free."""
+        now = utcnow()
+        with self.session() as s:
+            candidates = s.scalars(
+                sa.select(ImageRow)
+                .where(
+                    ImageRow.run_id == run_id,
+                    ImageRow.state.not_in([str(t) for t in TERMINAL]),
+                    ImageRow.image_id.not_in(exclude),
+                )
+                .order_by(ImageRow.created_at, ImageRow.image_id)
+            )
+            for row in candidates:
+                if not _lease_free(row, now):
+                    continue
+                row.lease_owner = str(owner)
+                row.lease_expires = now + LEASE_TTL
+                row.started_at = row.started_at or now
+                return row
+        return None
+
+    def leased_by_others(self, run_id: int, owner: LeaseOwner) -> list[ImageRow]:
+        """Unfinished images whose lease another live runner holds (what a second runner waits for)."""
+        now = utcnow()
+        return [
+            row
+            for row in self.images(run_id)
+            if row.state not in TERMINAL and row.lease_owner not in (None, str(owner)) and not _lease_free(row, now)
+        ]
+
+    def renew_leases(self, owner: LeaseOwner) -> None:
+        with self.session() as s:
+            s.execute(
+                sa.update(ImageRow)
+                .where(ImageRow.lease_owner == str(owner))
+                .values(lease_expires=utcnow() + LEASE_TTL)
+            )
+
+    def release(self, run_id: int, image_id: str, owner: LeaseOwner) -> None:
+        with self.session() as s:
+            s.execute(
+                sa.update(ImageRow)
+                .where(ImageRow.run_id == run_id, ImageRow.image_id == image_id, ImageRow.lease_owner == str(owner))
+                .values(lease_owner=None, lease_expires=None)
+            )
+
+    # -- transitions -------------------------------------------------------------------------------
+
+    def transition(
+        self,
+        run_id: int,
+        image_id: str,
+        target: State,
+        message: str | None = None,
+        owner: LeaseOwner | None = None,
+        **fields: Any,
+    ) -> ImageRow:
+        """Move one image to `target` if the table allows it, with an event; refuse otherwise.
+
+        With `owner`, the write happens only while we still hold the image's lease.
+        """
+        with self.session() as s:
+            row = s.get(ImageRow, (run_id, image_id))
+            if row is None:
+                raise UsageError(f"image {image_id} is not part of run {run_id}")
+            if owner is not None and row.lease_owner != str(owner):
+                raise LeaseLost(f"lease on {image_id} now held by {row.lease_owner}")
+            current = State(row.state)
+            failed_at = State(row.failed_at) if row.failed_at else None
+            check_transition(Strategy(row.strategy), current, target, failed_at)
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.state = str(target)
+            if target == State.FAILED:
+                row.failed_at = str(current)
+            elif current == State.FAILED:
+                row.failed_at = row.error = row.error_kind = None
+            if target in TERMINAL:
+                row.finished_at = utcnow()
+            s.add(Event(run_id=run_id, image_id=image_id, from_state=str(current), to_state=str(target), message=message))
+            return row
+
+    def requeue_failed(self, run_id: int, image_id: str) -> ImageRow:
+        """`retry`: put a failed image back at the state it failed at, and reopen its run."""
+        row = self.image(run_id, image_id)
+        if row is None:
+            raise UsageError(f"image {image_id} is not part of run {run_id}")
+        if row.state != State.FAILED:
+            raise UsageError(f"image {image_id} is {row.state}, not failed; only failed images can be retried")
+        failed_at = State(row.failed_at or State.PENDING)
+        target = retry_state(Strategy(row.strategy), failed_at)
+        row = self.transition(run_id, image_id, target, message=f"retry requested (failed at {failed_at})")
+        with self.session() as s:
+            s.get_one(Run, run_id).finished_at = None
+        return row
+
+    def bump_attempts(self, run_id: int, image_id: str) -> None:
+        with self.session() as s:
+            s.execute(
+                sa.update(ImageRow)
+                .where(ImageRow.run_id == run_id, ImageRow.image_id == image_id)
+                .values(attempts=ImageRow.attempts + 1)
+            )
+
+
+def _lease_free(row: ImageRow, now: datetime) -> bool:
+    if row.lease_owner is None or row.lease_expires is None or row.lease_expires < now:
+        return True
+    holder = LeaseOwner.parse(row.lease_owner)
+    return holder is not None and holder.is_dead()
+
+
+def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url)
+    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below), pysqlite must not
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode and mode[0] not in ("wal", "memory"):  # e.g. a read-only file cannot switch
+            cur.execute("PRAGMA query_only = ON")
+        cur.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across crashes of the process
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse a file that is not SQLite before SQLAlchemy touches it; create the parent dir if needed."""
+    if path.is_dir():
+        raise StateDBError(f"state DB {path} is a directory")
+    if path.exists() and path.stat().st_size > 0:
+        try:
+            with path.open("rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            raise StateDBError(f"cannot read state DB {path}: {e.strerror}") from e
+        if header != SQLITE_HEADER:
+            raise StateDBError(f"state DB {path} is not a SQLite database (corrupt?); refusing to touch it")
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StateDBError(f"cannot create the directory of state DB {path}: {e.strerror}") from e
+
+
+def _looks_like_ours(conn: sa.Connection) -> bool:
+    return {"runs", "images", "events"} <= set(sa.inspect(conn).get_table_names())
+
+
+def _has_foreign_tables(conn: sa.Connection) -> bool:
+    return bool(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+
+
+@contextmanager
+def _db_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except sa_exc.OperationalError as e:
+        reason = str(e.orig) if e.orig else str(e)
+        if "locked" in reason:
+            raise BusyError(f"state DB {url} stayed locked by another process: {reason}") from e
+        raise StateDBError(f"state DB {url}: {reason}") from e
+    except sa_exc.DatabaseError as e:
+        reason = str(e.orig) if e.orig else str(e)
+        raise StateDBError(f"state DB {url} is unusable ({reason}); it was not modified") from e

@@ -1,0 +1,58 @@
+"""How an image moves, one module per strategy. Each maps a target state to the step that reaches it.
+
+A step looks first whether its effect is already there (after a crash it may be) and then acts; it
+returns what to record, or raises ImageFailure / ImageSkipped. Steps never write the state DB: the
+runner records the transition after the step returns, so a crash between the two just repeats a step
+that is idempotent.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from glance_migrator.glance import Glance
+from glance_migrator.models import ImageRow
+from glance_migrator.state import State, Strategy
+
+POLL_INTERVAL: Final = 1.0  # seconds between looks at a running Glance task
+COPY_TIMEOUT: Final = 6 * 3600.0  # a copy-image task that has not finished in 6 h is reported as failed
+LOCK_TIMEOUT: Final = 3600.0  # how long to wait for another operation's import lock on an image
+
+
+class Interrupted(Exception):  # noqa: N818 - an event: the operator asked us to stop
+    """Stop requested while a step was waiting on Glance; the state stays as it was, resumable."""
+
+
+@dataclass
+class StepContext:
+    glance: Glance
+    from_store: str
+    to_store: str
+    stop: threading.Event
+    poll_interval: float = POLL_INTERVAL
+    copy_timeout: float = COPY_TIMEOUT
+    lock_timeout: float = LOCK_TIMEOUT
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, but give up at once when the operator asks to stop."""
+        if self.stop.wait(seconds):
+            raise Interrupted
+
+
+@dataclass
+class StepResult:
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Step = Callable[[StepContext, ImageRow], StepResult]
+
+
+def steps_for(strategy: Strategy) -> Mapping[State, Step]:
+    from glance_migrator.strategies import copy_image  # noqa: PLC0415 - avoids an import cycle
+
+    registry: dict[Strategy, Mapping[State, Step]] = {Strategy.COPY_IMAGE: copy_image.STEPS}
+    return registry[strategy]

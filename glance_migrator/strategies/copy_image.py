@@ -1,0 +1,172 @@
+"""copy-image: Glance copies the data itself (multi-store import), then we delete the old store's copy.
+
+pending -> copy-requested -> copied -> old-removed -> done. The image keeps its UUID, members and
+properties because it is the same image throughout. Glance streams the data from the source store to
+the target and compares size, md5 and the multihash with the image's record before it adds the location.
+
+What Glance 33 does, as measured (see docs of the test lab): the import takes a per-image lock
+(`os_glance_import_task`), lists the target in `os_glance_importing_to_stores` and clears it from
+`os_glance_failed_import`; `stores` gains the target shortly *before* the lock is dropped. So a copy is
+finished only once the lock is gone. A second request while it holds answers 409. The lock of a task
+that died (Glance restarted) stays until 60 min after its last update and is broken only by a new
+import request, so while we wait we ask again now and then. A store delete does not honour the lock:
+deleting while an import runs can leave a location without data, so we never delete under a lock.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+from glance_migrator.errors import ImageFailure
+from glance_migrator.glance import (
+    GlanceHTTPError,
+    failed_import_stores,
+    image_stores,
+    importing_stores,
+)
+from glance_migrator.models import ImageRow
+from glance_migrator.state import State
+from glance_migrator.strategies import Step, StepContext, StepResult
+from glance_migrator.verify import check_unchanged
+
+MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running nor failed) is asked again
+LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks the lock of a dead task
+
+
+def _current(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
+    image = ctx.glance.get_image(row.image_id)
+    if image is None:
+        raise ImageFailure("the image no longer exists in Glance (deleted by someone else?)", kind="gone")
+    return image
+
+
+def _lock_holder(image: dict[str, Any]) -> str | None:
+    """The task holding Glance's per-image import lock; the property stays as '' once released."""
+    return image.get("os_glance_import_task") or None
+
+
+def _post_copy(ctx: StepContext, row: ImageRow) -> bool:
+    """Ask for the copy once. True: accepted or already there. False: the image is locked right now."""
+    try:
+        ctx.glance.copy_to_store(row.image_id, ctx.to_store)
+        return True
+    except GlanceHTTPError as e:
+        image = _current(ctx, row)
+        if ctx.to_store in image_stores(image) | importing_stores(image):
+            return True  # our earlier request landed ("already present", or running)
+        if e.status == 409 and _lock_holder(image):
+            return False  # "Image has active task": someone's import holds the lock
+        if image.get("status") != "active":
+            raise ImageFailure(f"image is now {image.get('status')}, Glance copies only active images: {e}") from e
+        raise ImageFailure(f"Glance refused copy-image: {e}", kind="refused") from e
+
+
+def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
+    image = _current(ctx, row)
+    check_unchanged(row, image, "before copy")
+    stores = image_stores(image)
+    if ctx.to_store in stores:
+        return StepResult(f"already in store {ctx.to_store}")
+    if ctx.to_store in importing_stores(image) and _lock_holder(image):
+        return StepResult(f"a copy to {ctx.to_store} is already running (task {_lock_holder(image)})")
+    if ctx.from_store not in stores:
+        raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} any more (stores: {sorted(stores)})")
+    deadline = time.monotonic() + ctx.lock_timeout
+    while not _post_copy(ctx, row):
+        if time.monotonic() > deadline:
+            raise ImageFailure(f"another operation kept the image locked for {ctx.lock_timeout:.0f} s")
+        ctx.sleep(ctx.poll_interval)
+    return StepResult(f"copy-image to {ctx.to_store} accepted")
+
+
+def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
+    deadline = time.monotonic() + ctx.copy_timeout
+    next_probe = time.monotonic() + LOCK_PROBE_INTERVAL
+    requests_left = MAX_REREQUESTS
+    while True:
+        image = _current(ctx, row)
+        stores = image_stores(image)
+        if _lock_holder(image) is None:
+            if ctx.to_store in stores:
+                check_unchanged(row, image, "after copy")
+                return StepResult(
+                    f"in store {ctx.to_store}, verified by Glance; size and hashes unchanged",
+                    {
+                        "after_stores": ",".join(sorted(stores)),
+                        "after_checksum": image.get("checksum"),
+                        "after_hash_value": image.get("os_hash_value"),
+                        "after_size": image.get("size"),
+                    },
+                )
+            if ctx.to_store in failed_import_stores(image):
+                raise ImageFailure(
+                    f"Glance's copy to {ctx.to_store} failed (os_glance_failed_import); the image is intact in "
+                    f"{ctx.from_store}. The task's message: `GET /v2/images/{row.image_id}/tasks`; a file left "
+                    f"in the target store by a failed copy makes every retry fail until it is removed"
+                )
+            # Neither copied, copying nor failed: the task vanished. Asking again is safe.
+            if requests_left == 0:
+                raise ImageFailure(f"Glance dropped the copy to {ctx.to_store} {MAX_REREQUESTS} times")
+            requests_left -= 1
+            _post_copy(ctx, row)
+        elif time.monotonic() > next_probe:
+            next_probe = time.monotonic() + LOCK_PROBE_INTERVAL
+            _post_copy(ctx, row)  # 409 while the task lives; after a dead task's lock expires, restarts it
+        if time.monotonic() > deadline:
+            raise ImageFailure(f"copy to {ctx.to_store} did not finish within {ctx.copy_timeout:.0f} s")
+        ctx.sleep(ctx.poll_interval)
+
+
+def _unlocked(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
+    """The image once no import holds its lock (a store delete must never race an import)."""
+    deadline = time.monotonic() + ctx.lock_timeout
+    while True:
+        image = _current(ctx, row)
+        if _lock_holder(image) is None:
+            return image
+        if time.monotonic() > deadline:
+            raise ImageFailure(f"an import kept the image locked for {ctx.lock_timeout:.0f} s; not deleting under it")
+        ctx.sleep(ctx.poll_interval)
+
+
+def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
+    image = _unlocked(ctx, row)
+    stores = image_stores(image)
+    # The one irreversible step: only with the copy in the target store and the hashes as recorded.
+    check_unchanged(row, image, "before removing the old copy")
+    if ctx.from_store not in stores:
+        if ctx.to_store not in stores:
+            raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
+        return StepResult(f"already gone from store {ctx.from_store}")
+    if ctx.to_store not in stores:
+        raise ImageFailure(
+            f"refusing to delete from {ctx.from_store}: {ctx.to_store} no longer lists the image "
+            f"(stores: {sorted(stores)})"
+        )
+    try:
+        ctx.glance.delete_from_store(row.image_id, ctx.from_store)
+    except GlanceHTTPError as e:
+        if ctx.from_store not in image_stores(_current(ctx, row)):
+            return StepResult(f"already gone from store {ctx.from_store}")  # our earlier delete landed
+        raise ImageFailure(f"Glance refused to delete the copy in {ctx.from_store}: {e}", kind="refused") from e
+    return StepResult(f"deleted from store {ctx.from_store}")
+
+
+def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
+    image = _current(ctx, row)
+    stores = image_stores(image)
+    check_unchanged(row, image, "final check")
+    if ctx.to_store not in stores or ctx.from_store in stores:
+        raise ImageFailure(
+            f"final check: expected in {ctx.to_store} and not in {ctx.from_store}, stores: {sorted(stores)}"
+        )
+    return StepResult(f"stores now {','.join(sorted(stores))}", {"after_stores": ",".join(sorted(stores))})
+
+
+STEPS: dict[State, Step] = {
+    State.COPY_REQUESTED: request_copy,
+    State.COPIED: wait_copied,
+    State.OLD_REMOVED: remove_old,
+    State.DONE: confirm,
+}

@@ -1,0 +1,179 @@
+"""Helpers for tests against the real Glance: seed images, snapshot them, run the CLI, check invariants."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openstack.connection import Connection
+
+# Keys that legitimately change when an image's data moves between stores.
+VOLATILE = {"updated_at", "stores", "locations", "direct_url", "file", "schema", "self",
+            "os_glance_import_task", "os_glance_importing_to_stores", "os_glance_failed_import"}
+
+CLI = [str(Path(sys.executable).with_name("glance-migrator"))]
+
+
+@dataclass
+class Seeded:
+    id: str
+    data: bytes
+    before: dict[str, Any]
+    members: list[str] = field(default_factory=list)
+
+    @property
+    def sha512(self) -> str:
+        return hashlib.sha512(self.data).hexdigest()
+
+
+def raw_image(conn: Connection, image_id: str) -> dict[str, Any] | None:
+    resp = conn.image.get(f"/images/{image_id}")
+    return None if resp.status_code == 404 else dict(resp.json())
+
+
+def seed_image(
+    conn: Connection,
+    name: str,
+    data: bytes | None,
+    *,
+    visibility: str = "private",
+    hidden: bool = False,
+    tags: list[str] | None = None,
+    members: list[str] | None = None,
+    protected: bool = False,
+    **props: str,
+) -> Seeded:
+    """Create an image (with data unless `data` is None: it stays queued) in the default store."""
+    body: dict[str, Any] = {"name": name, "disk_format": "raw", "container_format": "bare",
+                            "visibility": visibility, "os_hidden": hidden, "tags": tags or [], **props}
+    resp = conn.image.post("/images", json=body)
+    assert resp.status_code == 201, resp.text
+    image_id = resp.json()["id"]
+    if data is not None:
+        resp = conn.image.put(f"/images/{image_id}/file", data=io.BytesIO(data),
+                              headers={"Content-Type": "application/octet-stream"})
+        assert resp.status_code == 204, resp.text
+    for member in members or []:
+        resp = conn.image.post(f"/images/{image_id}/members", json={"member": member})
+        assert resp.status_code == 200, resp.text
+    if protected:
+        patch(conn, image_id, [{"op": "replace", "path": "/protected", "value": True}])
+    image = raw_image(conn, image_id)
+    assert image is not None
+    if data is not None:
+        assert image["os_hash_value"] == hashlib.sha512(data).hexdigest()
+    return Seeded(image_id, data or b"", stable(image), sorted(members or []))
+
+
+def patch(conn: Connection, image_id: str, ops: list[dict[str, Any]]) -> None:
+    resp = conn.image.patch(f"/images/{image_id}", json=ops,
+                            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"})
+    assert resp.status_code == 200, resp.text
+
+
+def stable(image: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in image.items() if k not in VOLATILE}
+
+
+def stores_of(conn: Connection, image_id: str) -> set[str]:
+    image = raw_image(conn, image_id) or {}
+    return {s for s in str(image.get("stores") or "").split(",") if s}
+
+
+def members_of(conn: Connection, image_id: str) -> list[str]:
+    resp = conn.image.get(f"/images/{image_id}/members")
+    if resp.status_code == 403 and (raw_image(conn, image_id) or {}).get("visibility") != "shared":
+        return []  # Glance keeps member lists for shared images only
+    assert resp.status_code == 200, resp.text
+    return sorted(m["member_id"] for m in resp.json().get("members", []))
+
+
+def download_sha512(conn: Connection, image_id: str) -> str:
+    resp = conn.image.get(f"/images/{image_id}/file", stream=True)
+    assert resp.status_code == 200, resp.status_code
+    digest = hashlib.sha512()
+    for chunk in resp.iter_content(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assert_migrated(conn: Connection, lab: Any, seeded: Seeded, from_store: str, to_store: str) -> None:
+    """The invariants of a finished migration, for one image: same image, same bytes, new store only."""
+    image = raw_image(conn, seeded.id)
+    assert image is not None, f"{seeded.id} vanished"
+    assert image["status"] == "active"
+    assert stores_of(conn, seeded.id) == {to_store}, f"{seeded.id}: stores {image.get('stores')}"
+    assert stable(image) == seeded.before, f"{seeded.id}: metadata changed"
+    assert members_of(conn, seeded.id) == seeded.members
+    assert download_sha512(conn, seeded.id) == seeded.sha512
+    assert not (lab.store_dir(from_store) / seeded.id).exists(), "old data file left behind"
+    assert (lab.store_dir(to_store) / seeded.id).exists()
+
+
+def delete_all_images(conn: Connection) -> None:
+    """Leave Glance empty, so a test that discovers every image sees only its own."""
+    for hidden in ("false", "true"):
+        while True:
+            images = conn.image.get(f"/images?visibility=all&os_hidden={hidden}&limit=200").json()["images"]
+            if not images:
+                break
+            for image in images:
+                if image.get("protected"):
+                    patch(conn, image["id"], [{"op": "replace", "path": "/protected", "value": False}])
+                if image.get("status") == "deactivated":
+                    conn.image.post(f"/images/{image['id']}/actions/reactivate")
+                resp = conn.image.delete(f"/images/{image['id']}")
+                assert resp.status_code in (204, 404), resp.text
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 300, check_rc: int | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def cli_popen(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen([*CLI, *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+
+
+def event_count(db: Path) -> int:
+    """Transitions recorded so far, read the way an outsider would (plain sqlite3, WAL-aware)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM events WHERE from_state IS NOT NULL").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def status_json(db: Path, env: dict[str, str]) -> dict[str, Any]:
+    proc = cli("status", "--json", "--db", str(db), env=env, check_rc=0)
+    return dict(json.loads(proc.stdout))
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -1,0 +1,164 @@
+"""copy-image migrations through the CLI, against the real Keystone + Glance of the lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openstack.connection import Connection
+
+from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL
+from tests.glancetools import (
+    Seeded,
+    assert_migrated,
+    cli,
+    cli_popen,
+    delete_all_images,
+    event_count,
+    raw_image,
+    seed_image,
+    status_json,
+    stores_of,
+    wait_for,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def env(lab: Any) -> dict[str, str]:
+    return dict(lab.env())
+
+
+@pytest.fixture
+def clean(admin_conn: Connection) -> Connection:
+    """An empty Glance, for tests that let the tool discover every image."""
+    delete_all_images(admin_conn)
+    return admin_conn
+
+
+def _mixed_images(conn: Connection, demo_project: str, prefix: str, count: int = 12) -> list[Seeded]:
+    """A dozen images of mixed sizes, visibilities and properties, some hidden, some with members."""
+    sizes = [1, 1000, 64 * 1024, MiB, 3 * MiB + 17, 9 * MiB, 20 * MiB, 2 * MiB, 12345, 5 * MiB, 700 * 1024, 33]
+    kinds: list[dict[str, Any]] = [
+        {}, {"hidden": True}, {"visibility": "community"}, {"visibility": "public"},
+        {"visibility": "shared", "members": [demo_project]}, {"tags": ["gold", "linux"], "os_distro": "cirros"},
+        {"visibility": "community", "hidden": True}, {"protected": True}, {"hw_disk_bus": "scsi", "tags": ["x"]},
+        {"visibility": "shared"}, {"owner_specified.openstack.md5": "n/a"}, {"hidden": True, "tags": ["h"]},
+    ]
+    return [
+        seed_image(conn, f"{prefix}-{i}", os.urandom(sizes[i % len(sizes)]), **kinds[i % len(kinds)])
+        for i in range(count)
+    ]
+
+
+def test_full_run_moves_every_image_hidden_and_community_included(
+    lab: Any, clean: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    demo = clean.identity.find_project("demo").id
+    images = _mixed_images(clean, demo, "full")
+    queued = seed_image(clean, "full-queued", None)
+    deactivated = seed_image(clean, "full-deactivated", os.urandom(1000))
+    assert clean.image.post(f"/images/{deactivated.id}/actions/deactivate").status_code == 204
+    db = tmp_path / "state.db"
+
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db), "--workers", "3", env=env)
+
+    assert proc.returncode == EXIT_PARTIAL, proc.stderr  # finished, with skipped images
+    for seeded in images:
+        assert_migrated(clean, lab, seeded, "old", "new")
+    doc = status_json(db, env)
+    by_id = {img["id"]: img for img in doc["images"]}
+    assert doc["counts"]["done"] == len(images) and doc["counts"]["skipped"] == 2 and doc["run"]["complete"]
+    assert by_id[queued.id]["state"] == "skipped" and "queued" in by_id[queued.id]["error"]
+    assert by_id[deactivated.id]["state"] == "skipped" and "deactivated" in by_id[deactivated.id]["error"]
+    assert stores_of(clean, deactivated.id) == {"old"}  # skipped images are left exactly as they were
+    assert (raw_image(clean, deactivated.id) or {})["status"] == "deactivated"
+    # The log has one timestamped line per step of each image.
+    for seeded in images:
+        lines = [line for line in proc.stderr.splitlines() if seeded.id in line]
+        assert [line.split(": ")[1] for line in lines] == ["copy-requested", "copied", "old-removed", "done"], lines
+        assert all(line[:4].isdigit() and line[4] == "-" for line in lines)
+    # A second run over the same images finds nothing left to do.
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db), env=env)
+    doc = status_json(db, env)
+    assert doc["run"]["id"] == 2 and doc["counts"]["done"] == len(images), proc.stderr
+    assert doc["counts"]["pending"] == 0
+
+
+def test_kill_9_mid_run_then_resume_ends_with_every_image_migrated(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    demo = admin_conn.identity.find_project("demo").id
+    images = _mixed_images(admin_conn, demo, "kill", count=12)
+    images += [seed_image(admin_conn, f"kill-big-{i}", os.urandom(40 * MiB)) for i in range(2)]
+    db = tmp_path / "state.db"
+    args = ["--db", str(db), "--workers", "2"]
+    selection = [a for s in images for a in ("--image", s.id)]
+    log = tmp_path / "runner.log"
+    # Kill the runner at several points of the run, each time once it has recorded more transitions.
+    kills = 0
+    for threshold in (3, 9, 17, 26, 38):
+        first = kills == 0
+        proc = cli_popen("run", *(["--from-store", "old", "--to-store", "new", *selection] if first else ["--resume"]),
+                         *args, env=env, log=log)
+        reached = wait_for(lambda t=threshold: event_count(db) >= t or proc.poll() is not None, timeout=120)
+        assert reached
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 3, f"the run finished before it could be killed 3 times ({kills}); see {log}"
+    proc_done = cli("run", "--resume", *args, env=env)
+    assert proc_done.returncode == EXIT_OK, proc_done.stderr + log.read_text()
+    for seeded in images:
+        assert_migrated(admin_conn, lab, seeded, "old", "new")
+    doc = status_json(db, env)
+    assert doc["counts"]["done"] == len(images) and doc["run"]["complete"]
+    assert all(img["state"] == "done" for img in doc["images"])
+
+
+def test_failed_copy_is_recorded_and_retry_finishes_it(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    good = seed_image(admin_conn, "retry-good", os.urandom(MiB))
+    bad = seed_image(admin_conn, "retry-bad", os.urandom(2 * MiB))
+    blocker = lab.store_dir("new") / bad.id  # a stray file where the copy must go makes Glance's copy fail
+    blocker.write_bytes(b"in the way")
+    db = tmp_path / "state.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", good.id, "--image", bad.id,
+               "--db", str(db), env=env)
+    assert proc.returncode == EXIT_PARTIAL, proc.stderr
+    assert_migrated(admin_conn, lab, good, "old", "new")
+    row = {img["id"]: img for img in status_json(db, env)["images"]}[bad.id]
+    assert row["state"] == "failed" and "os_glance_failed_import" in row["error"]
+    assert stores_of(admin_conn, bad.id) == {"old"}  # nothing lost: the old copy is untouched
+    text = cli("status", "--db", str(db), env=env, check_rc=0).stdout
+    assert bad.id in text and "failed" in text
+
+    blocker.unlink()
+    proc = cli("retry", bad.id, "--db", str(db), env=env)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert_migrated(admin_conn, lab, bad, "old", "new")
+    doc = status_json(db, env)
+    assert doc["counts"]["done"] == 2 and doc["counts"]["failed"] == 0
+
+
+def test_image_already_in_target_only_is_done_without_work(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seeded = seed_image(admin_conn, "already", os.urandom(1000))
+    db = tmp_path / "state.db"
+    cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=env,
+        check_rc=EXIT_OK)
+    db2 = tmp_path / "again.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db2), env=env,
+               check_rc=EXIT_OK)
+    assert "copy-requested" not in proc.stderr
+    events = json.loads(cli("status", "--json", "--db", str(db2), env=env).stdout)
+    assert events["counts"]["done"] == 1 and events["images"][0]["attempts"] == 0

@@ -1,0 +1,132 @@
+"""The transition table: legal paths work, anything else is refused and changes nothing (h11's habit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glance_migrator.errors import IllegalTransition, UsageError
+from glance_migrator.models import ImageRow
+from glance_migrator.state import PATHS, TERMINAL, State, Strategy, check_transition, next_state, transitions
+from glance_migrator.statedb import LeaseOwner, StateDB
+
+
+def _row(image_id: str, state: State = State.PENDING) -> tuple[ImageRow, str | None]:
+    return (
+        ImageRow(
+            image_id=image_id,
+            name=f"img-{image_id[:4]}",
+            status="active",
+            size=1,
+            checksum="c",
+            os_hash_algo="sha512",
+            os_hash_value="h",
+            stores="old",
+            strategy=str(Strategy.COPY_IMAGE),
+            state=str(state),
+            attempts=0,
+        ),
+        None,
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> StateDB:
+    return StateDB.open(str(tmp_path / "state.db"))
+
+
+def test_every_path_ends_done_and_every_step_is_legal() -> None:
+    for strategy, path in PATHS.items():
+        assert path[0] == State.PENDING and path[-1] == State.DONE
+        for a, b in zip(path, path[1:], strict=False):
+            assert next_state(strategy, a) == b
+            check_transition(strategy, a, b)
+        assert next_state(strategy, State.DONE) is None
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        (State.PENDING, State.COPIED),  # skipping a step
+        (State.COPIED, State.COPY_REQUESTED),  # going back
+        (State.DONE, State.FAILED),  # leaving a terminal state
+        (State.SKIPPED, State.PENDING),
+        (State.COPY_REQUESTED, State.SKIPPED),  # only a non-started image can be skipped
+        (State.FAILED, State.DONE),  # retry goes back to the failed step only
+    ],
+)
+def test_illegal_transition_is_refused_and_changes_nothing(db: StateDB, current: State, target: State) -> None:
+    image_id = "11111111-1111-1111-1111-111111111111"
+    row, _ = _row(image_id, current)
+    if current == State.FAILED:
+        row.failed_at = str(State.COPIED)
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [(row, None)])
+    events_before = db.events(run.id)
+    with pytest.raises(IllegalTransition):
+        db.transition(run.id, image_id, target, "should not happen")
+    after = db.image(run.id, image_id)
+    assert after is not None and after.state == current
+    assert [e.id for e in db.events(run.id)] == [e.id for e in events_before]
+
+
+def test_failure_and_retry_return_to_the_failed_step(db: StateDB) -> None:
+    image_id = "22222222-2222-2222-2222-222222222222"
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(image_id)])
+    db.transition(run.id, image_id, State.COPY_REQUESTED, "ok")
+    db.transition(run.id, image_id, State.COPIED, "ok")
+    db.transition(run.id, image_id, State.FAILED, "boom", error="boom", error_kind="glance")
+    row = db.image(run.id, image_id)
+    assert row is not None and row.failed_at == State.COPIED and row.error == "boom"
+    db.finish_run_if_complete(run.id)
+    assert db.get_run(run.id).finished_at is not None
+    row = db.requeue_failed(run.id, image_id)
+    assert row.state == State.COPIED and row.error is None and row.failed_at is None
+    assert db.get_run(run.id).finished_at is None  # the run is open again for `run --resume`
+    states = [(e.from_state, e.to_state) for e in db.events(run.id, image_id)]
+    assert states == [(None, "pending"), ("pending", "copy-requested"), ("copy-requested", "copied"),
+                      ("copied", "failed"), ("failed", "copied")]
+
+
+def test_requeue_refuses_an_image_that_did_not_fail(db: StateDB) -> None:
+    image_id = "33333333-3333-3333-3333-333333333333"
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(image_id)])
+    with pytest.raises(UsageError, match="not failed"):
+        db.requeue_failed(run.id, image_id)
+
+
+def test_a_second_run_is_refused_while_one_is_unfinished(db: StateDB) -> None:
+    db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row("44444444-4444-4444-4444-444444444444")])
+    with pytest.raises(UsageError, match="--resume"):
+        db.create_run("old", "new", Strategy.COPY_IMAGE, None, [])
+
+
+def test_leases_keep_two_runners_apart_and_a_dead_runners_lease_is_taken_over(db: StateDB) -> None:
+    ids = ["55555555-5555-5555-5555-55555555555" + str(i) for i in range(2)]
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(i) for i in ids])
+    a, b = LeaseOwner.me(), LeaseOwner("otherhost", 1, "x")
+    first = db.claim_next(run.id, a, set())
+    second = db.claim_next(run.id, a, set())
+    assert first and second and first.image_id != second.image_id
+    assert db.claim_next(run.id, b, set()) is None  # both held by a live runner
+    with pytest.raises(Exception, match="lease"):
+        db.transition(run.id, first.image_id, State.COPY_REQUESTED, "x", owner=b)
+    # A runner on this host whose process is gone: its leases are free at once, without waiting for expiry.
+    dead = LeaseOwner(a.host, 2**22 + 12345, "dead")
+    db.release(run.id, first.image_id, a)
+    assert db.claim_next(run.id, dead, set()) is not None
+    taken = db.claim_next(run.id, a, set())
+    assert taken is not None and taken.image_id == first.image_id
+
+
+def test_transition_table_lists_each_edge_once() -> None:
+    edges = transitions(Strategy.COPY_IMAGE)
+    assert len(edges) == len(set(edges))
+    for a, b in edges:
+        if a != State.FAILED:
+            check_transition(Strategy.COPY_IMAGE, a, b)
+    check_transition(Strategy.COPY_IMAGE, State.FAILED, State.PENDING, failed_at=State.COPY_REQUESTED)
+    check_transition(Strategy.COPY_IMAGE, State.FAILED, State.COPIED, failed_at=State.COPIED)
+    with pytest.raises(IllegalTransition):  # a failed wait for the copy restarts the copy, not the wait
+        check_transition(Strategy.COPY_IMAGE, State.FAILED, State.COPY_REQUESTED, failed_at=State.COPY_REQUESTED)
+    assert all(t in TERMINAL for t in (State.DONE, State.FAILED, State.SKIPPED))

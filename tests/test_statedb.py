@@ -1,0 +1,95 @@
+"""Opening the state DB: created and upgraded automatically; anything odd is refused and left untouched."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from glance_migrator.errors import StateDBError
+from glance_migrator.models import Base
+from glance_migrator.statedb import StateDB
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_new_db_is_created_with_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.db"
+    db = StateDB.open(str(path))
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diffs == [], "models.py and migrations/ disagree: write a migration"
+    db.close()
+    StateDB.open(str(path)).close()  # opening again is a no-op upgrade
+
+
+def test_sqlalchemy_url_is_accepted(tmp_path: Path) -> None:
+    StateDB.open(f"sqlite:///{tmp_path / 'u.db'}").close()
+    assert (tmp_path / "u.db").exists()
+
+
+def test_file_that_is_not_sqlite_is_refused_and_not_modified(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database\n" * 100)
+    before = path.read_bytes()
+    with pytest.raises(StateDBError, match="not a SQLite database"):
+        StateDB.open(str(path))
+    assert path.read_bytes() == before
+
+
+def test_truncated_sqlite_file_is_refused_and_not_modified(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    StateDB.open(str(path)).close()
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\xff" * 200)  # a valid header, garbage after it
+    before = path.read_bytes()
+    with pytest.raises(StateDBError):
+        StateDB.open(str(path))
+    assert path.read_bytes() == before
+
+
+def test_db_from_a_newer_glance_migrator_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    StateDB.open(str(path)).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    with pytest.raises(StateDBError, match="newer glance-migrator"):
+        StateDB.open(str(path))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("9999_from_the_future",)
+
+
+def test_sqlite_db_of_another_program_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(StateDBError, match="something else"):
+        StateDB.open(str(path))
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"customers"}
+
+
+def test_directory_as_db_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StateDBError, match="directory"):
+        StateDB.open(str(tmp_path))
+
+
+def test_built_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "glance_migrator_migrations/env.py" in names
+    assert "glance_migrator_migrations/script.py.mako" in names
+    assert "glance_migrator_migrations/versions/0001_initial.py" in names
