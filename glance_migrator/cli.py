@@ -55,9 +55,9 @@ def main_options(
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr
     )
-    if not verbose:  # openstacksdk and keystoneauth are chatty at INFO
+    if not verbose:  # openstacksdk and keystoneauth warn about things we report better ourselves
         for name in ("openstack", "keystoneauth", "stevedore", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @app.command()

@@ -129,12 +129,8 @@ class Glance:
             conn.authorize()
         except sdk_exc.ConfigException as e:
             raise CloudError(f"cloud configuration: {e}") from e
-        except ksa_exc.Unauthorized as e:
-            raise CloudError("the cloud refused our credentials (HTTP 401); check the password or token") from e
-        except (ksa_exc.ConnectionError, requests.ConnectionError) as e:
-            raise CloudError(f"cannot reach the cloud's identity service: {_short(e)}") from e
-        except (ksa_exc.ClientException, sdk_exc.SDKException) as e:
-            raise CloudError(f"cannot authenticate to the cloud: {_short(e)}") from e
+        except (ksa_exc.ClientException, sdk_exc.SDKException, requests.RequestException) as e:
+            raise CloudError(_auth_failure(e)) from e
         return cls(conn, cloud or getattr(conn.config, "name", None))
 
     def roles(self) -> set[str]:
@@ -181,6 +177,15 @@ class Glance:
             return dict(self._call("GET", f"/images/{image_id}").json())
         except GlanceHTTPError as e:
             if e.status == 404:
+                return None
+            raise
+
+    def get_task(self, task_id: str) -> dict[str, Any] | None:
+        """A Glance task (an import), or None if Glance no longer has it or will not show it."""
+        try:
+            return dict(self._call("GET", f"/tasks/{task_id}").json())
+        except GlanceHTTPError as e:
+            if e.status in (403, 404):  # the tasks API may be closed by policy: then we cannot tell
                 return None
             raise
 
@@ -234,6 +239,18 @@ class Glance:
     def delete_from_store(self, image_id: str, store: str) -> None:
         """Delete the image's data from one store (the image and its other copies stay)."""
         self._call("DELETE", f"/stores/{store}/{image_id}", ok=(204,))
+
+
+def _auth_failure(exc: BaseException) -> str:
+    """Name the real cause: openstacksdk wraps keystoneauth's errors in a generic SDKException."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ksa_exc.Unauthorized):
+            return "the cloud refused our credentials (HTTP 401); check the user name, password and project"
+        if isinstance(seen, ksa_exc.ConnectionError | requests.ConnectionError):
+            return f"cannot reach the cloud's identity service: {_short(seen)}"
+        seen = seen.__cause__ or seen.__context__
+    return f"cannot authenticate to the cloud: {_short(exc)}"
 
 
 def _short(exc: BaseException) -> str:

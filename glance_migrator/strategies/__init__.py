@@ -20,6 +20,7 @@ from glance_migrator.state import State, Strategy
 POLL_INTERVAL: Final = 1.0  # seconds between looks at a running Glance task
 COPY_TIMEOUT: Final = 6 * 3600.0  # a copy-image task that has not finished in 6 h is reported as failed
 LOCK_TIMEOUT: Final = 3600.0  # how long to wait for another operation's import lock on an image
+STUCK_AFTER: Final = 600.0  # a running copy task updates itself about every 60 s; 10 min silent = dead
 
 
 class Interrupted(Exception):  # noqa: N818 - an event: the operator asked us to stop
@@ -35,6 +36,7 @@ class StepContext:
     poll_interval: float = POLL_INTERVAL
     copy_timeout: float = COPY_TIMEOUT
     lock_timeout: float = LOCK_TIMEOUT
+    stuck_after: float = STUCK_AFTER
 
     def sleep(self, seconds: float) -> None:
         """Wait, but give up at once when the operator asks to stop."""

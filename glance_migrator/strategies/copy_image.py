@@ -80,14 +80,42 @@ def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
     return StepResult(f"copy-image to {ctx.to_store} accepted")
 
 
+class _TaskWatch:
+    """Notices a copy task that stopped making progress (its thread died, Glance lost it)."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+        self.seen: tuple[str, Any] | None = None
+        self.since = time.monotonic()
+
+    def check(self, task_id: str) -> None:
+        task = self.ctx.glance.get_task(task_id)
+        if task is None or task.get("status") in ("success", "failure"):
+            return  # finished or gone: the lock drops (or is broken by the next request)
+        mark = (task_id, task.get("updated_at"))
+        if mark != self.seen:
+            self.seen, self.since = mark, time.monotonic()
+        elif time.monotonic() - self.since > self.ctx.stuck_after:
+            raise ImageFailure(
+                f"Glance's copy task {task_id} is {task.get('status')} with no progress for "
+                f"{self.ctx.stuck_after:.0f} s (its worker died?). The image is intact in its old store. "
+                "Glance releases the task's lock 60 min (120 if pending) after its last update "
+                f"({task.get('updated_at')}); `glance-migrator retry` after that"
+            )
+
+
 def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
     deadline = time.monotonic() + ctx.copy_timeout
     next_probe = time.monotonic() + LOCK_PROBE_INTERVAL
     requests_left = MAX_REREQUESTS
+    watch = _TaskWatch(ctx)
     while True:
         image = _current(ctx, row)
         stores = image_stores(image)
-        if _lock_holder(image) is None:
+        lock = _lock_holder(image)
+        if lock is not None:
+            watch.check(lock)
+        if lock is None:
             if ctx.to_store in stores:
                 check_unchanged(row, image, "after copy")
                 return StepResult(

@@ -1,0 +1,175 @@
+"""The CLI's contract: help on every command, exit codes, the JSON shape, and bad input refused cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openstack.connection import Connection
+
+from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_STATE_DB, EXIT_USAGE
+from tests.glancetools import cli, seed_image, stores_of
+
+COMMANDS = ["run", "status", "retry"]
+
+
+def _runs(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+@pytest.fixture
+def env(lab: Any) -> dict[str, str]:
+    return dict(lab.env())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    proc = cli(command, "--help", env={}, check_rc=EXIT_OK)
+    assert "Usage: glance-migrator " + command in proc.stdout
+    assert "Example: glance-migrator " + command in proc.stdout
+
+
+def test_top_level_help_lists_every_command_and_version_prints() -> None:
+    out = cli("--help", env={}, check_rc=EXIT_OK).stdout
+    assert all(command in out for command in COMMANDS)
+    assert cli("--version", env={}, check_rc=EXIT_OK).stdout.startswith("glance-migrator ")
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    proc = cli("run", "--no-such-option", env={})
+    assert proc.returncode == EXIT_USAGE and "No such option" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "not-a-uuid"], "is not an image UUID"),
+        (["--image", "00000000-0000-4000-8000-000000000000"], "no image 00000000-0000-4000-8000-000000000000"),
+    ],
+)
+def test_bad_image_argument_is_refused_and_changes_nothing(
+    admin_conn: Connection, env: dict[str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    seeded = seed_image(admin_conn, "cli-untouched", os.urandom(100))
+    db = tmp_path / "state.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", *args, "--db", str(db), env=env)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert message in proc.stderr and proc.stderr.count("\n") == 1  # one clear line, no traceback
+    assert _runs(db) == 0 and stores_of(admin_conn, seeded.id) == {"old"}
+
+
+@pytest.mark.parametrize(
+    ("stores", "message"),
+    [
+        (["--from-store", "old", "--to-store", "nowhere"], "--to-store 'nowhere': Glance has no such store"),
+        (["--from-store", "gone", "--to-store", "new"], "--from-store 'gone': Glance has no such store"),
+        (["--from-store", "old", "--to-store", "old"], "both 'old'"),
+        (["--from-store", "old"], "--from-store and --to-store are required"),
+    ],
+)
+def test_bad_stores_are_refused_before_anything_changes(
+    env: dict[str, str], tmp_path: Path, stores: list[str], message: str
+) -> None:
+    db = tmp_path / "state.db"
+    proc = cli("run", *stores, "--db", str(db), env=env)
+    assert proc.returncode == EXIT_USAGE and message in proc.stderr, proc.stderr
+    assert _runs(db) == 0
+
+
+def _clouds_yaml(tmp_path: Path, auth_url: str, username: str = "admin", password: str = "secret") -> dict[str, str]:
+    path = tmp_path / "clouds.yaml"
+    path.write_text(
+        "clouds:\n  broken:\n    auth: {auth_url: \"%s\", username: %s, password: %s, project_name: admin,\n"
+        "           user_domain_name: Default, project_domain_name: Default}\n    region_name: RegionOne\n"
+        "    identity_api_version: 3\n" % (auth_url, username, password)
+    )
+    return {"OS_CLIENT_CONFIG_FILE": str(path), "OS_CLOUD": "broken"}
+
+
+def test_unreachable_cloud_is_a_cloud_error(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _clouds_yaml(tmp_path, f"http://127.0.0.1:{port}/v3")
+    db = tmp_path / "state.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db), env=env)
+    assert proc.returncode == EXIT_CLOUD, proc.stderr
+    assert "cannot reach" in proc.stderr and proc.stderr.count("\n") == 1
+    assert _runs(db) == 0
+
+
+def test_wrong_password_is_a_cloud_error(lab: Any, tmp_path: Path) -> None:
+    env = _clouds_yaml(tmp_path, lab.keystone_url, password="wrong")
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(tmp_path / "s.db"), env=env)
+    assert proc.returncode == EXIT_CLOUD and "401" in proc.stderr, proc.stderr
+
+
+def test_unknown_cloud_name_is_a_cloud_error(env: dict[str, str], tmp_path: Path) -> None:
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--os-cloud", "nope",
+               "--db", str(tmp_path / "s.db"), env=env)
+    assert proc.returncode == EXIT_CLOUD and "nope" in proc.stderr, proc.stderr
+
+
+def test_member_instead_of_admin_is_refused(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db),
+               env={**env, "OS_CLOUD": "lab-demo"})
+    assert proc.returncode == EXIT_CLOUD and "not admin" in proc.stderr, proc.stderr
+    assert _runs(db) == 0
+
+
+def test_corrupt_state_db_is_reported_and_left_alone(env: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    db.write_bytes(b"\x00garbage" * 512)
+    for args in (["status"], ["run", "--resume"], ["retry", "--all-failed"]):
+        proc = cli(*args, "--db", str(db), env=env)
+        assert proc.returncode == EXIT_STATE_DB and "not a SQLite database" in proc.stderr, proc.stderr
+    assert db.read_bytes() == b"\x00garbage" * 512
+
+
+def test_newer_schema_state_db_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    cli("status", "--db", str(db), env=env)  # creates an empty, current DB
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'zzzz'")
+    proc = cli("status", "--db", str(db), env=env)
+    assert proc.returncode == EXIT_STATE_DB and "newer glance-migrator" in proc.stderr
+
+
+def test_resume_and_retry_without_a_run_are_usage_errors(env: dict[str, str], tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    assert "nothing to resume" in cli("run", "--resume", "--db", db, env=env, check_rc=EXIT_USAGE).stderr
+    assert "holds no run" in cli("status", "--db", db, env=env, check_rc=EXIT_USAGE).stderr
+    assert "no run" in cli("retry", "--all-failed", "--db", db, env=env, check_rc=EXIT_USAGE).stderr
+    assert "is not an image UUID" in cli("retry", "nope", "--db", db, env=env, check_rc=EXIT_USAGE).stderr
+
+
+def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
+    admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seeded = seed_image(admin_conn, "cli-json", os.urandom(2000))
+    db = str(tmp_path / "state.db")
+    cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", db, env=env,
+        check_rc=EXIT_OK)
+    doc = json.loads(cli("status", "--json", "--db", db, env=env, check_rc=EXIT_OK).stdout)
+    assert set(doc) == {"run", "counts", "total", "images"}
+    assert set(doc["run"]) == {"id", "from_store", "to_store", "strategy", "cloud", "created_at", "finished_at",
+                               "complete"}
+    assert doc["run"]["strategy"] == "copy-image" and doc["run"]["cloud"] == "lab-admin"
+    assert set(doc["counts"]) == {"pending", "copy-requested", "copied", "old-removed", "done", "failed", "skipped"}
+    (image,) = doc["images"]
+    assert set(image) == {"id", "name", "state", "failed_at", "error", "error_kind", "attempts", "size",
+                          "stores_before", "stores_after", "updated_at"}
+    assert image["id"] == seeded.id and image["state"] == "done" and image["stores_after"] == "new"
+    proc = cli("retry", seeded.id, "--db", db, env=env, check_rc=EXIT_USAGE)
+    assert "not failed" in proc.stderr
+    proc = cli("retry", "00000000-0000-4000-8000-000000000000", "--db", db, env=env, check_rc=EXIT_USAGE)
+    assert "not part of run" in proc.stderr
