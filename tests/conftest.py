@@ -1,13 +1,19 @@
 """Shared fixtures: one real Keystone + Glance lab per test session (see tests/lab/__init__.py).
 
-The lab's logs live under pytest's basetemp (pytest keeps the last 3 runs). Their path is printed at
-the end of the session when a test failed or GLANCE_MIGRATOR_LAB_KEEP_LOGS is set, and is attached
-to each failure report.
+The lab's logs live under pytest's basetemp; their path is attached to each failure report. When a
+test failed or GLANCE_MIGRATOR_LAB_KEEP_LOGS is set, they are copied to $TMPDIR/glance-migrator-lab-logs-*
+at the end of the session and that path is printed (with -v, the path and start times always are).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +25,7 @@ _LAB = pytest.StashKey[Lab]()
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
     """A running lab: Keystone + Glance on free loopback ports, stores 'old' (default) and 'new'."""
+    _sigterm_as_keyboard_interrupt()
     the_lab = Lab(tmp_path_factory.mktemp("glance-lab"))
     pytestconfig.stash[_LAB] = the_lab
     the_lab.start()
@@ -26,6 +33,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
         yield the_lab
     finally:
         the_lab.stop()
+
+
+def _sigterm_as_keyboard_interrupt() -> None:
+    """The services run in their own sessions, so they outlive a pytest killed by SIGTERM (e.g. by
+    `timeout`). Turn SIGTERM into KeyboardInterrupt: pytest then tears the session down (lab.stop())."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +67,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """After a failure (or with GLANCE_MIGRATOR_LAB_KEEP_LOGS set): copy the lab's logs out of pytest's
+    basetemp (which keeps only the last 3 runs, whoever made them) and print where they are."""
     the_lab = config.stash.get(_LAB, None)
     if the_lab is None:
         return
     failed = terminalreporter.stats.get("failed") or terminalreporter.stats.get("error")
-    if failed or os.environ.get("GLANCE_MIGRATOR_LAB_KEEP_LOGS") or config.option.verbose > 0:
-        timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in the_lab.timings.items())
-        terminalreporter.write_sep("-", "glance lab")
-        terminalreporter.write_line(f"logs: {the_lab.logs_dir}")
-        terminalreporter.write_line(f"start times: {timings or 'not started'}")
+    keep = failed or os.environ.get("GLANCE_MIGRATOR_LAB_KEEP_LOGS")
+    if not (keep or config.option.verbose > 0):
+        return
+    terminalreporter.write_sep("-", "glance lab")
+    logs = the_lab.logs_dir
+    if keep and logs.is_dir():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = Path(tempfile.gettempdir()) / f"glance-migrator-lab-logs-{stamp}-{os.getpid()}"
+        shutil.copytree(logs, kept)
+        logs = kept
+    timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in the_lab.timings.items())
+    terminalreporter.write_line(f"logs: {logs}")
+    terminalreporter.write_line(f"start times: {timings or 'not started'}")

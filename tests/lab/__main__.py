@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lab failed to start: {exc}", file=sys.stderr)
             return 1
         t = lab.timings
-        print(f"# started: glance answering after {t['glance']:.1f} s, keystone ready after "
-              f"{t['keystone']:.1f} s (venv check {t['venvs']:.1f} s)")
+        print(f"# started in {t['ready']:.1f} s (glance answered after {t['glance']:.1f} s, keystone set up "
+              f"after {t['keystone']:.1f} s; venv check {t['venvs']:.1f} s)")
     print(describe(lab))
     return 0
 
