@@ -53,7 +53,10 @@ def main_options(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
     )
     if not verbose:  # openstacksdk and keystoneauth warn about things we report better ourselves
         for name in ("openstack", "keystoneauth", "stevedore", "alembic"):
@@ -65,7 +68,8 @@ def run(
     from_store: Annotated[str | None, typer.Option("--from-store", help="Glance store the data leaves.")] = None,
     to_store: Annotated[str | None, typer.Option("--to-store", help="Glance store the data moves to.")] = None,
     image: Annotated[
-        list[str] | None, typer.Option("--image", help="Only this image UUID (repeatable). Default: every image.")
+        list[str] | None,
+        typer.Option("--image", help="Only this image UUID (repeatable). Default: every image."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the state DB.")] = False,
     workers: WorkersOption = 1,

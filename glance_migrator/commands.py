@@ -79,7 +79,14 @@ def run_migration(
         rows = discover(glance, ids, from_store, to_store, strategy)
         run = db.create_run(from_store, to_store, strategy, glance.cloud, rows)
         pending = sum(1 for row, _ in rows if row.state == State.PENDING)
-        log.info("run %d: %d image(s) found, %d to migrate %s -> %s", run.id, len(rows), pending, from_store, to_store)
+        log.info(
+            "run %d: %d image(s) found, %d to migrate %s -> %s",
+            run.id,
+            len(rows),
+            pending,
+            from_store,
+            to_store,
+        )
     runner = Runner(db, glance, run, workers, **ctx_options)
     with graceful_interrupts(runner):
         runner.run()
@@ -123,7 +130,17 @@ def retry(
         log.info("%s (%s): re-queued at %s", image_id, row.name or "unnamed", row.state)
     if queue_only:
         return report(db, run.id)
-    return run_migration(db, connect, from_store=None, to_store=None, resume=True, workers=workers, **ctx_options)
+    return run_migration(
+        db,
+        connect,
+        from_store=None,
+        to_store=None,
+        image_ids=(),
+        resume=True,
+        workers=workers,
+        strategy=Strategy(run.strategy),
+        **ctx_options,
+    )
 
 
 def status_document(rep: RunReport) -> dict[str, Any]:

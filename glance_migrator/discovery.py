@@ -71,9 +71,7 @@ def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:
     return image
 
 
-def classify(
-    image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy
-) -> tuple[ImageRow, str | None]:
+def classify(image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy) -> tuple[ImageRow, str | None]:
     stores = image_stores(image)
     state, reason = State.PENDING, None
     if image.get("status") != "active":
@@ -81,9 +79,15 @@ def classify(
     elif to_store in stores and from_store not in stores:
         state, reason = State.DONE, f"already in {to_store} only"
     elif from_store not in stores:
-        state, reason = State.SKIPPED, f"not in store {from_store} (stores: {','.join(sorted(stores)) or 'none'})"
+        state, reason = (
+            State.SKIPPED,
+            f"not in store {from_store} (stores: {','.join(sorted(stores)) or 'none'})",
+        )
     elif not has_fingerprint(image):
-        state, reason = State.SKIPPED, "Glance recorded no size or checksum for it, so a copy cannot be verified"
+        state, reason = (
+            State.SKIPPED,
+            "Glance recorded no size or checksum for it, so a copy cannot be verified",
+        )
     row = ImageRow(
         image_id=image["id"],
         name=image.get("name"),

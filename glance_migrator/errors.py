@@ -61,13 +61,13 @@ class Aborted(MigratorError):
     exit_code = EXIT_INTERRUPTED
 
 
-class IllegalTransition(MigratorError):  # noqa: N818 - named for the event, like h11's errors
+class IllegalTransition(MigratorError):
     """A state change the transition table does not allow. Raised before anything is written."""
 
     exit_code = EXIT_STATE_DB
 
 
-class ImageFailure(Exception):  # noqa: N818 - a per-image outcome, not a fatal error
+class ImageFailure(Exception):
     """One image cannot proceed. The runner records it on the image's row and goes on with the others.
 
     `kind` groups failures for the operator ("integrity", "glance", "refused", "gone").
@@ -85,5 +85,5 @@ class IntegrityFailure(ImageFailure):
         super().__init__(message, kind="integrity")
 
 
-class ImageSkipped(Exception):  # noqa: N818 - a per-image outcome, not a fatal error
+class ImageSkipped(Exception):
     """The image is not migrated (not active, not in the source store...), with the reason why."""

@@ -134,11 +134,12 @@ class Glance:
         return cls(conn, cloud or getattr(conn.config, "name", None))
 
     def roles(self) -> set[str]:
+        auth = self.conn.session.auth
         try:
-            access = self.conn.session.auth.get_access(self.conn.session)
+            access = auth.get_access(self.conn.session)  # type: ignore[union-attr]
             return set(access.role_names or [])
         except (ksa_exc.ClientException, AttributeError):
-            return set()
+            return set()  # an auth plugin without a token (e.g. noauth): let Glance's policy decide
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -212,8 +213,7 @@ class Glance:
                 return None
             raise
         return [
-            StoreInfo(s["id"], bool(s.get("default", False)), s.get("description", ""))
-            for s in body.get("stores", [])
+            StoreInfo(s["id"], bool(s.get("default", False)), s.get("description", "")) for s in body.get("stores", [])
         ]
 
     def import_methods(self) -> list[str]:

@@ -15,7 +15,11 @@ from glance_migrator.state import PATHS, State, Strategy
 
 def exit_code(rep: RunReport) -> int:
     if not rep.complete:
-        return EXIT_INTERRUPTED if any(r.state not in (State.DONE, State.FAILED, State.SKIPPED) for r in rep.images) else EXIT_OK
+        return (
+            EXIT_INTERRUPTED
+            if any(r.state not in (State.DONE, State.FAILED, State.SKIPPED) for r in rep.images)
+            else EXIT_OK
+        )
     return EXIT_PARTIAL if rep.problems else EXIT_OK
 
 

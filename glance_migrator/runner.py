@@ -75,11 +75,13 @@ class Runner:
                     continue
                 try:
                     self._process(row)
+                except LeaseLost as e:
+                    log.warning("%s: %s; leaving it to that runner", row.image_id, e)
                 finally:
                     self.db.release(row.run_id, row.image_id, self.owner)
             except MigratorError as e:
                 self._fail_run(e)
-            except Exception as e:  # noqa: BLE001 - a bug must stop the run loudly, not kill one thread quietly
+            except Exception as e:  # a bug must stop the run loudly, not end one thread quietly
                 log.exception("internal error")
                 self._fail_run(InternalError(f"internal error: {type(e).__name__}: {e}"))
 
@@ -91,7 +93,11 @@ class Runner:
         with self._lock:
             if not self._waiting_logged:
                 holders = sorted({row.lease_owner or "" for row in others})
-                log.info("%d image(s) are being migrated by another runner (%s); waiting", len(others), ", ".join(holders))
+                log.info(
+                    "%d image(s) are being migrated by another runner (%s); waiting",
+                    len(others),
+                    ", ".join(holders),
+                )
                 self._waiting_logged = True
         return not self.stop.wait(WAIT_FOR_OTHERS)
 
@@ -121,22 +127,12 @@ class Runner:
                 self._record(row, State.SKIPPED, str(e), error=str(e), error_kind="skipped")
                 log.warning("%s: skipped: %s", label, e)
                 return
-            except ImageFailure as e:
-                self._record(row, State.FAILED, str(e), error=str(e), error_kind=e.kind)
+            except (ImageFailure, GlanceHTTPError) as e:  # this image cannot go on; the others can
+                kind = e.kind if isinstance(e, ImageFailure) else "glance"
+                self._record(row, State.FAILED, str(e), error=str(e), error_kind=kind)
                 log.error("%s: failed at %s: %s", label, row.state, e)
                 return
-            except GlanceHTTPError as e:
-                self._record(row, State.FAILED, str(e), error=str(e), error_kind="glance")
-                log.error("%s: failed at %s: %s", label, row.state, e)
-                return
-            except LeaseLost as e:
-                log.warning("%s: %s; leaving it to that runner", label, e)
-                return
-            try:
-                row = self._record(row, target, result.message, **result.fields)
-            except LeaseLost as e:
-                log.warning("%s: %s; leaving it to that runner", label, e)
-                return
+            row = self._record(row, target, result.message, **result.fields)
             log.info("%s: %s: %s", label, target, result.message)
             if self.stop.is_set():
                 return

@@ -11,6 +11,7 @@ true once it is reached: COPIED means the target store holds a verified copy. Be
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Final
@@ -68,9 +69,7 @@ def retry_state(strategy: Strategy, failed_at: State) -> State:
     return RETRY_FROM.get((strategy, failed_at), failed_at)
 
 
-def check_transition(
-    strategy: Strategy, current: State, target: State, failed_at: State | None = None
-) -> None:
+def check_transition(strategy: Strategy, current: State, target: State, failed_at: State | None = None) -> None:
     """Raise IllegalTransition unless the table allows `current -> target` for `strategy`."""
     path = PATHS[strategy]
     allowed = (
@@ -86,7 +85,7 @@ def check_transition(
 def transitions(strategy: Strategy) -> list[tuple[State, State]]:
     """Every legal edge of `strategy`, for the README's state diagram and its drift test."""
     path = PATHS[strategy]
-    edges = [(a, b) for a, b in zip(path, path[1:], strict=False)]
+    edges = list(itertools.pairwise(path))
     edges += [(State.PENDING, State.SKIPPED), (State.PENDING, State.DONE)]
     edges += [(s, State.FAILED) for s in path if s not in TERMINAL]
     edges += sorted({(State.FAILED, retry_state(strategy, s)) for s in path if s not in TERMINAL})

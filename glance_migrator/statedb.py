@@ -86,7 +86,7 @@ class LeaseOwner:
         return False
 
 
-class LeaseLost(Exception):  # noqa: N818 - an event, not a failure of the image
+class LeaseLost(Exception):
     """Our lease on an image was taken over (we stalled past its expiry); stop working on it."""
 
 
@@ -128,9 +128,7 @@ class StateDB:
                 if current and not _looks_like_ours(conn):
                     raise StateDBError(f"{self.url} is not a glance-migrator state DB")
                 if not current and _has_foreign_tables(conn):
-                    raise StateDBError(
-                        f"{self.url} is a SQLite DB of something else; refusing to write into it"
-                    )
+                    raise StateDBError(f"{self.url} is a SQLite DB of something else; refusing to write into it")
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
 
@@ -261,16 +259,18 @@ class StateDB:
     def renew_leases(self, owner: LeaseOwner) -> None:
         with self.session() as s:
             s.execute(
-                sa.update(ImageRow)
-                .where(ImageRow.lease_owner == str(owner))
-                .values(lease_expires=utcnow() + LEASE_TTL)
+                sa.update(ImageRow).where(ImageRow.lease_owner == str(owner)).values(lease_expires=utcnow() + LEASE_TTL)
             )
 
     def release(self, run_id: int, image_id: str, owner: LeaseOwner) -> None:
         with self.session() as s:
             s.execute(
                 sa.update(ImageRow)
-                .where(ImageRow.run_id == run_id, ImageRow.image_id == image_id, ImageRow.lease_owner == str(owner))
+                .where(
+                    ImageRow.run_id == run_id,
+                    ImageRow.image_id == image_id,
+                    ImageRow.lease_owner == str(owner),
+                )
                 .values(lease_owner=None, lease_expires=None)
             )
 
@@ -307,7 +307,15 @@ class StateDB:
                 row.failed_at = row.error = row.error_kind = None
             if target in TERMINAL:
                 row.finished_at = utcnow()
-            s.add(Event(run_id=run_id, image_id=image_id, from_state=str(current), to_state=str(target), message=message))
+            s.add(
+                Event(
+                    run_id=run_id,
+                    image_id=image_id,
+                    from_state=str(current),
+                    to_state=str(target),
+                    message=message,
+                )
+            )
             return row
 
     def requeue_failed(self, run_id: int, image_id: str) -> ImageRow:

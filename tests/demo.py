@@ -19,8 +19,10 @@ def main() -> int:
     lab = Lab(Path(".glance-lab"))
     if lab.running_services() != ["keystone", "glance"]:
         lab.stop()
-        print("demo: starting Keystone and Glance on loopback (first time: builds their venvs, ~1-2 min)",
-              flush=True)
+        print(
+            "demo: starting Keystone and Glance on loopback (first time: builds their venvs, ~1-2 min)",
+            flush=True,
+        )
         try:
             lab.start()
         except LabError as e:
@@ -47,8 +49,10 @@ def main() -> int:
     print(f"demo: $ glance-migrator status --db {db}", flush=True)
     subprocess.call([*CLI, "status", "--db", db], env=env)
     exports = " ".join(f"{k}={v}" for k, v in lab.env().items())
-    print(f"\ndemo: try it yourself:  export {exports}\n      then `glance-migrator --help`;"
-          " `./dev demo-stop` stops the services")
+    print(
+        f"\ndemo: try it yourself:  export {exports}\n      then `.venv/bin/glance-migrator --help`;"
+        " `./dev demo-stop` stops the services"
+    )
     return 0 if rc in (0, 1) else rc
 
 

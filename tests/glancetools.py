@@ -18,8 +18,18 @@ from typing import Any
 from openstack.connection import Connection
 
 # Keys that legitimately change when an image's data moves between stores.
-VOLATILE = {"updated_at", "stores", "locations", "direct_url", "file", "schema", "self",
-            "os_glance_import_task", "os_glance_importing_to_stores", "os_glance_failed_import"}
+VOLATILE = {
+    "updated_at",
+    "stores",
+    "locations",
+    "direct_url",
+    "file",
+    "schema",
+    "self",
+    "os_glance_import_task",
+    "os_glance_importing_to_stores",
+    "os_glance_failed_import",
+}
 
 CLI = [str(Path(sys.executable).with_name("glance-migrator"))]
 
@@ -54,14 +64,24 @@ def seed_image(
     **props: str,
 ) -> Seeded:
     """Create an image (with data unless `data` is None: it stays queued) in the default store."""
-    body: dict[str, Any] = {"name": name, "disk_format": "raw", "container_format": "bare",
-                            "visibility": visibility, "os_hidden": hidden, "tags": tags or [], **props}
+    body: dict[str, Any] = {
+        "name": name,
+        "disk_format": "raw",
+        "container_format": "bare",
+        "visibility": visibility,
+        "os_hidden": hidden,
+        "tags": tags or [],
+        **props,
+    }
     resp = conn.image.post("/images", json=body)
     assert resp.status_code == 201, resp.text
     image_id = resp.json()["id"]
     if data is not None:
-        resp = conn.image.put(f"/images/{image_id}/file", data=io.BytesIO(data),
-                              headers={"Content-Type": "application/octet-stream"})
+        resp = conn.image.put(
+            f"/images/{image_id}/file",
+            data=io.BytesIO(data),
+            headers={"Content-Type": "application/octet-stream"},
+        )
         assert resp.status_code == 204, resp.text
     for member in members or []:
         resp = conn.image.post(f"/images/{image_id}/members", json={"member": member})
@@ -76,8 +96,11 @@ def seed_image(
 
 
 def patch(conn: Connection, image_id: str, ops: list[dict[str, Any]]) -> None:
-    resp = conn.image.patch(f"/images/{image_id}", json=ops,
-                            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"})
+    resp = conn.image.patch(
+        f"/images/{image_id}",
+        json=ops,
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -136,9 +159,17 @@ def delete_all_images(conn: Connection) -> None:
                 assert resp.status_code in (204, 404), resp.text
 
 
-def cli(*args: str, env: dict[str, str], timeout: float = 300, check_rc: int | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *args], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+def cli(
+    *args: str, env: dict[str, str], timeout: float = 300, check_rc: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*CLI, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if check_rc is not None:
         assert proc.returncode == check_rc, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
@@ -146,8 +177,13 @@ def cli(*args: str, env: dict[str, str], timeout: float = 300, check_rc: int | N
 
 def cli_popen(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("ab")
-    return subprocess.Popen([*CLI, *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [*CLI, *args],
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def event_count(db: Path) -> int:

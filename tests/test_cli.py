@@ -52,7 +52,10 @@ def test_unknown_option_is_a_usage_error() -> None:
     ("args", "message"),
     [
         (["--image", "not-a-uuid"], "is not an image UUID"),
-        (["--image", "00000000-0000-4000-8000-000000000000"], "no image 00000000-0000-4000-8000-000000000000"),
+        (
+            ["--image", "00000000-0000-4000-8000-000000000000"],
+            "no image 00000000-0000-4000-8000-000000000000",
+        ),
     ],
 )
 def test_bad_image_argument_is_refused_and_changes_nothing(
@@ -87,9 +90,9 @@ def test_bad_stores_are_refused_before_anything_changes(
 def _clouds_yaml(tmp_path: Path, auth_url: str, username: str = "admin", password: str = "secret") -> dict[str, str]:
     path = tmp_path / "clouds.yaml"
     path.write_text(
-        "clouds:\n  broken:\n    auth: {auth_url: \"%s\", username: %s, password: %s, project_name: admin,\n"
-        "           user_domain_name: Default, project_domain_name: Default}\n    region_name: RegionOne\n"
-        "    identity_api_version: 3\n" % (auth_url, username, password)
+        f'clouds:\n  broken:\n    auth: {{auth_url: "{auth_url}", username: {username}, password: {password},\n'
+        "           project_name: admin, user_domain_name: Default, project_domain_name: Default}\n"
+        "    region_name: RegionOne\n    identity_api_version: 3\n"
     )
     return {"OS_CLIENT_CONFIG_FILE": str(path), "OS_CLOUD": "broken"}
 
@@ -113,15 +116,33 @@ def test_wrong_password_is_a_cloud_error(lab: Any, tmp_path: Path) -> None:
 
 
 def test_unknown_cloud_name_is_a_cloud_error(env: dict[str, str], tmp_path: Path) -> None:
-    proc = cli("run", "--from-store", "old", "--to-store", "new", "--os-cloud", "nope",
-               "--db", str(tmp_path / "s.db"), env=env)
+    proc = cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--os-cloud",
+        "nope",
+        "--db",
+        str(tmp_path / "s.db"),
+        env=env,
+    )
     assert proc.returncode == EXIT_CLOUD and "nope" in proc.stderr, proc.stderr
 
 
 def test_member_instead_of_admin_is_refused(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
     db = tmp_path / "state.db"
-    proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db),
-               env={**env, "OS_CLOUD": "lab-demo"})
+    proc = cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--db",
+        str(db),
+        env={**env, "OS_CLOUD": "lab-demo"},
+    )
     assert proc.returncode == EXIT_CLOUD and "not admin" in proc.stderr, proc.stderr
     assert _runs(db) == 0
 
@@ -157,17 +178,55 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
 ) -> None:
     seeded = seed_image(admin_conn, "cli-json", os.urandom(2000))
     db = str(tmp_path / "state.db")
-    cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", db, env=env,
-        check_rc=EXIT_OK)
+    cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--image",
+        seeded.id,
+        "--db",
+        db,
+        env=env,
+        check_rc=EXIT_OK,
+    )
     doc = json.loads(cli("status", "--json", "--db", db, env=env, check_rc=EXIT_OK).stdout)
     assert set(doc) == {"run", "counts", "total", "images"}
-    assert set(doc["run"]) == {"id", "from_store", "to_store", "strategy", "cloud", "created_at", "finished_at",
-                               "complete"}
+    assert set(doc["run"]) == {
+        "id",
+        "from_store",
+        "to_store",
+        "strategy",
+        "cloud",
+        "created_at",
+        "finished_at",
+        "complete",
+    }
     assert doc["run"]["strategy"] == "copy-image" and doc["run"]["cloud"] == "lab-admin"
-    assert set(doc["counts"]) == {"pending", "copy-requested", "copied", "old-removed", "done", "failed", "skipped"}
+    assert set(doc["counts"]) == {
+        "pending",
+        "copy-requested",
+        "copied",
+        "old-removed",
+        "done",
+        "failed",
+        "skipped",
+    }
     (image,) = doc["images"]
-    assert set(image) == {"id", "name", "state", "failed_at", "error", "error_kind", "attempts", "size",
-                          "stores_before", "stores_after", "updated_at"}
+    assert set(image) == {
+        "id",
+        "name",
+        "state",
+        "failed_at",
+        "error",
+        "error_kind",
+        "attempts",
+        "size",
+        "stores_before",
+        "stores_after",
+        "updated_at",
+    }
     assert image["id"] == seeded.id and image["state"] == "done" and image["stores_after"] == "new"
     proc = cli("retry", seeded.id, "--db", db, env=env, check_rc=EXIT_USAGE)
     assert "not failed" in proc.stderr

@@ -21,8 +21,12 @@ def _stores(image) -> list[str]:
 
 
 def _upload(conn, data: bytes):
-    img = conn.image.create_image(name=f"lab-smoke-{uuid.uuid4().hex[:8]}", disk_format="raw",
-                                  container_format="bare", allow_duplicates=True)
+    img = conn.image.create_image(
+        name=f"lab-smoke-{uuid.uuid4().hex[:8]}",
+        disk_format="raw",
+        container_format="bare",
+        allow_duplicates=True,
+    )
     # Image.upload() returns the raw response and does NOT raise on HTTP errors (openstacksdk 4.22)
     response = img.upload(conn.image, data=io.BytesIO(data), size=len(data))
     assert response.status_code == 204, (response.status_code, response.text)
@@ -45,7 +49,7 @@ def test_upload_lands_in_default_store(lab: Lab, admin_conn):
     try:
         assert img.status == "active"
         assert img.size == MiB
-        assert img.hash_algo == "sha512"           # os_hash_algo
+        assert img.hash_algo == "sha512"  # os_hash_algo
         assert img.hash_value == hashlib.sha512(data).hexdigest()  # os_hash_value
         assert _stores(img) == ["old"]
         stored = lab.store_dir("old") / img.id
@@ -62,7 +66,7 @@ def test_member_cannot_copy_but_admin_can(lab: Lab, admin_conn):
         own = _upload(demo, data)
         try:
             assert own.status == "active"
-            assert _copy_image_status(demo, own, ["new"]) == 403       # policy copy_image: project admin
+            assert _copy_image_status(demo, own, ["new"]) == 403  # policy copy_image: project admin
         finally:
             demo.image.delete_image(own.id)
     finally:
@@ -72,12 +76,15 @@ def test_member_cannot_copy_but_admin_can(lab: Lab, admin_conn):
     try:
         assert _copy_image_status(admin_conn, img, ["new"]) == 202
         deadline = time.monotonic() + 60
-        while True:                      # until 'new' is in stores and the import task let go of the image
+        while True:  # until 'new' is in stores and the import task let go of the image
             img = admin_conn.image.get_image(img.id)
             props = img.properties
             assert "new" not in props.get("os_glance_failed_import", ""), props
-            if "new" in _stores(img) and not props.get("os_glance_import_task") \
-                    and not props.get("os_glance_importing_to_stores"):
+            if (
+                "new" in _stores(img)
+                and not props.get("os_glance_import_task")
+                and not props.get("os_glance_importing_to_stores")
+            ):
                 break
             assert time.monotonic() < deadline, f"copy-image to 'new' did not finish: {props}"
             time.sleep(0.2)

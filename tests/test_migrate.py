@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL
+from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from tests.glancetools import (
     Seeded,
     assert_migrated,
@@ -43,12 +44,33 @@ def clean(admin_conn: Connection) -> Connection:
 
 def _mixed_images(conn: Connection, demo_project: str, prefix: str, count: int = 12) -> list[Seeded]:
     """A dozen images of mixed sizes, visibilities and properties, some hidden, some with members."""
-    sizes = [1, 1000, 64 * 1024, MiB, 3 * MiB + 17, 9 * MiB, 20 * MiB, 2 * MiB, 12345, 5 * MiB, 700 * 1024, 33]
+    sizes = [
+        1,
+        1000,
+        64 * 1024,
+        MiB,
+        3 * MiB + 17,
+        9 * MiB,
+        20 * MiB,
+        2 * MiB,
+        12345,
+        5 * MiB,
+        700 * 1024,
+        33,
+    ]
     kinds: list[dict[str, Any]] = [
-        {}, {"hidden": True}, {"visibility": "community"}, {"visibility": "public"},
-        {"visibility": "shared", "members": [demo_project]}, {"tags": ["gold", "linux"], "os_distro": "cirros"},
-        {"visibility": "community", "hidden": True}, {"protected": True}, {"hw_disk_bus": "scsi", "tags": ["x"]},
-        {"visibility": "shared"}, {"owner_specified.openstack.md5": "n/a"}, {"hidden": True, "tags": ["h"]},
+        {},
+        {"hidden": True},
+        {"visibility": "community"},
+        {"visibility": "public"},
+        {"visibility": "shared", "members": [demo_project]},
+        {"tags": ["gold", "linux"], "os_distro": "cirros"},
+        {"visibility": "community", "hidden": True},
+        {"protected": True},
+        {"hw_disk_bus": "scsi", "tags": ["x"]},
+        {"visibility": "shared"},
+        {"owner_specified.openstack.md5": "n/a"},
+        {"hidden": True, "tags": ["h"]},
     ]
     return [
         seed_image(conn, f"{prefix}-{i}", os.urandom(sizes[i % len(sizes)]), **kinds[i % len(kinds)])
@@ -81,7 +103,12 @@ def test_full_run_moves_every_image_hidden_and_community_included(
     # The log has one timestamped line per step of each image.
     for seeded in images:
         lines = [line for line in proc.stderr.splitlines() if seeded.id in line]
-        assert [line.split(": ")[1] for line in lines] == ["copy-requested", "copied", "old-removed", "done"], lines
+        assert [line.split(": ")[1] for line in lines] == [
+            "copy-requested",
+            "copied",
+            "old-removed",
+            "done",
+        ], lines
         assert all(line[:4].isdigit() and line[4] == "-" for line in lines)
     # A second run over the same images finds nothing left to do.
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db), env=env)
@@ -104,9 +131,14 @@ def test_kill_9_mid_run_then_resume_ends_with_every_image_migrated(
     kills = 0
     for threshold in (3, 9, 17, 26, 38):
         first = kills == 0
-        proc = cli_popen("run", *(["--from-store", "old", "--to-store", "new", *selection] if first else ["--resume"]),
-                         *args, env=env, log=log)
-        reached = wait_for(lambda t=threshold: event_count(db) >= t or proc.poll() is not None, timeout=120)
+        proc = cli_popen(
+            "run",
+            *(["--from-store", "old", "--to-store", "new", *selection] if first else ["--resume"]),
+            *args,
+            env=env,
+            log=log,
+        )
+        reached = wait_for(lambda t=threshold, p=proc: event_count(db) >= t or p.poll() is not None, timeout=120)
         assert reached
         if proc.poll() is not None:
             break
@@ -131,8 +163,20 @@ def test_failed_copy_is_recorded_and_retry_finishes_it(
     blocker = lab.store_dir("new") / bad.id  # a stray file where the copy must go makes Glance's copy fail
     blocker.write_bytes(b"in the way")
     db = tmp_path / "state.db"
-    proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", good.id, "--image", bad.id,
-               "--db", str(db), env=env)
+    proc = cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--image",
+        good.id,
+        "--image",
+        bad.id,
+        "--db",
+        str(db),
+        env=env,
+    )
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     assert_migrated(admin_conn, lab, good, "old", "new")
     row = {img["id"]: img for img in status_json(db, env)["images"]}[bad.id]
@@ -154,11 +198,129 @@ def test_image_already_in_target_only_is_done_without_work(
 ) -> None:
     seeded = seed_image(admin_conn, "already", os.urandom(1000))
     db = tmp_path / "state.db"
-    cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=env,
-        check_rc=EXIT_OK)
+    cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--image",
+        seeded.id,
+        "--db",
+        str(db),
+        env=env,
+        check_rc=EXIT_OK,
+    )
     db2 = tmp_path / "again.db"
-    proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db2), env=env,
-               check_rc=EXIT_OK)
+    proc = cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--image",
+        seeded.id,
+        "--db",
+        str(db2),
+        env=env,
+        check_rc=EXIT_OK,
+    )
     assert "copy-requested" not in proc.stderr
     events = json.loads(cli("status", "--json", "--db", str(db2), env=env).stdout)
     assert events["counts"]["done"] == 1 and events["images"][0]["attempts"] == 0
+
+
+def test_ctrl_c_finishes_the_step_in_flight_then_resume_completes(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    images = [seed_image(admin_conn, f"sigint-{i}", os.urandom((30 if i < 2 else 1) * MiB)) for i in range(6)]
+    db = tmp_path / "state.db"
+    log = tmp_path / "runner.log"
+    proc = cli_popen(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        *[a for s in images for a in ("--image", s.id)],
+        "--db",
+        str(db),
+        env=env,
+        log=log,
+    )
+    assert wait_for(lambda: event_count(db) >= 2, timeout=60)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == EXIT_INTERRUPTED, log.read_text()
+    text = log.read_text()
+    assert "finishing the steps in flight" in text and "Traceback" not in text
+    doc = status_json(db, env)
+    assert not doc["run"]["complete"] and doc["counts"]["done"] < len(images)
+    with sqlite3.connect(db) as conn:  # leases were released on the way out
+        assert conn.execute("SELECT count(*) FROM images WHERE lease_owner IS NOT NULL").fetchone()[0] == 0
+    # A second Ctrl-C aborts at once, with the same exit code and nothing half-recorded.
+    proc = cli_popen("run", "--resume", "--db", str(db), env=env, log=log)
+    assert wait_for(lambda: "resuming run" in log.read_text(), timeout=60)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == EXIT_INTERRUPTED
+    cli("run", "--resume", "--db", str(db), env=env, check_rc=EXIT_OK)
+    for seeded in images:
+        assert_migrated(admin_conn, lab, seeded, "old", "new")
+
+
+def test_two_runners_on_one_db_never_work_on_the_same_image(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    images = [seed_image(admin_conn, f"pair-{i}", os.urandom((8 if i % 3 == 0 else 1) * MiB)) for i in range(8)]
+    db = tmp_path / "state.db"
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = cli_popen(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        *[x for s in images for x in ("--image", s.id)],
+        "--db",
+        str(db),
+        env=env,
+        log=log_a,
+    )
+    assert wait_for(lambda: event_count(db) >= 1, timeout=60)
+    b = cli_popen("run", "--resume", "--db", str(db), env=env, log=log_b)
+    assert a.wait(timeout=300) in (EXIT_OK, EXIT_INTERRUPTED) and b.wait(timeout=300) in (EXIT_OK, EXIT_INTERRUPTED)
+    with sqlite3.connect(db) as conn:
+        steps = conn.execute(
+            "SELECT image_id, to_state, count(*) FROM events WHERE from_state IS NOT NULL GROUP BY image_id, to_state"
+        ).fetchall()
+    assert steps and all(n == 1 for _, _, n in steps), steps  # every step of every image happened once
+    assert "copy-requested" in log_a.read_text() and "copy-requested" in log_b.read_text()  # both worked
+    for seeded in images:
+        assert_migrated(admin_conn, lab, seeded, "old", "new")
+
+
+def test_a_copy_someone_else_started_is_adopted_not_repeated(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seeded = seed_image(admin_conn, "adopted", os.urandom(60 * MiB))
+    resp = admin_conn.image.post(
+        f"/images/{seeded.id}/import", json={"method": {"name": "copy-image"}, "stores": ["new"]}
+    )
+    assert resp.status_code == 202
+    proc = cli(
+        "run",
+        "--from-store",
+        "old",
+        "--to-store",
+        "new",
+        "--image",
+        seeded.id,
+        "--db",
+        str(tmp_path / "state.db"),
+        env=env,
+        check_rc=EXIT_OK,
+    )
+    assert "already" in proc.stderr
+    tasks = admin_conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
+    assert len(tasks) == 1, tasks  # one copy, the one someone else asked for
+    assert_migrated(admin_conn, lab, seeded, "old", "new")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def db(tmp_path: Path) -> StateDB:
 def test_every_path_ends_done_and_every_step_is_legal() -> None:
     for strategy, path in PATHS.items():
         assert path[0] == State.PENDING and path[-1] == State.DONE
-        for a, b in zip(path, path[1:], strict=False):
+        for a, b in itertools.pairwise(path):
             assert next_state(strategy, a) == b
             check_transition(strategy, a, b)
         assert next_state(strategy, State.DONE) is None
@@ -84,8 +85,13 @@ def test_failure_and_retry_return_to_the_failed_step(db: StateDB) -> None:
     assert row.state == State.COPIED and row.error is None and row.failed_at is None
     assert db.get_run(run.id).finished_at is None  # the run is open again for `run --resume`
     states = [(e.from_state, e.to_state) for e in db.events(run.id, image_id)]
-    assert states == [(None, "pending"), ("pending", "copy-requested"), ("copy-requested", "copied"),
-                      ("copied", "failed"), ("failed", "copied")]
+    assert states == [
+        (None, "pending"),
+        ("pending", "copy-requested"),
+        ("copy-requested", "copied"),
+        ("copied", "failed"),
+        ("failed", "copied"),
+    ]
 
 
 def test_requeue_refuses_an_image_that_did_not_fail(db: StateDB) -> None:

@@ -23,7 +23,7 @@ LOCK_TIMEOUT: Final = 3600.0  # how long to wait for another operation's import 
 STUCK_AFTER: Final = 600.0  # a running copy task updates itself about every 60 s; 10 min silent = dead
 
 
-class Interrupted(Exception):  # noqa: N818 - an event: the operator asked us to stop
+class Interrupted(Exception):
     """Stop requested while a step was waiting on Glance; the state stays as it was, resumable."""
 
 

@@ -83,6 +83,7 @@ class LabError(RuntimeError):
 # venvs in the cache directory
 # --------------------------------------------------------------------------------------------------
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "glance-migrator-lab")
 
@@ -99,9 +100,12 @@ def _tail(path: Path, lines: int = 40, skip: str | None = None) -> str:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment minus what would leak into the service venvs or clients."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("OS_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
-                                                     "PYTHONSTARTUP", "PYTHONSAFEPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OS_")
+        and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", "PYTHONSAFEPATH")
+    }
     env.update(extra)
     return env
 
@@ -111,16 +115,30 @@ def _venv_matches(venv: Path, requirements: Sequence[str]) -> bool:
     python = venv / "bin" / "python"
     if not (python.exists() and (venv / "bin" / "uwsgi").exists()):
         return False
-    check = ("import importlib.metadata as m, json, sys\n"
-             "for r in json.loads(sys.argv[1]):\n"
-             "    name, _, version = r.partition('==')\n"
-             "    if version and m.version(name) != version:\n"
-             "        sys.exit(1)\n")
+    check = (
+        "import importlib.metadata as m, json, sys\n"
+        "for r in json.loads(sys.argv[1]):\n"
+        "    name, _, version = r.partition('==')\n"
+        "    if version and m.version(name) != version:\n"
+        "        sys.exit(1)\n"
+    )
     env = _clean_env()
-    ok = subprocess.run([str(python), "-c", check, json.dumps(list(requirements))], env=env,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-    return ok and subprocess.run([str(python), "-m", "pip", "check"], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    ok = (
+        subprocess.run(
+            [str(python), "-c", check, json.dumps(list(requirements))],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
+    return (
+        ok
+        and subprocess.run(
+            [str(python), "-m", "pip", "check"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ).returncode
+        == 0
+    )
 
 
 def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = None) -> Path:
@@ -134,11 +152,11 @@ def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = Non
     venv = cache / name
     marker = venv / _MARKER
     wanted = json.dumps(list(requirements))
-    if marker.exists() and marker.read_text() == wanted:      # fast path, no lock
+    if marker.exists() and marker.read_text() == wanted:  # fast path, no lock
         return venv
     cache.mkdir(parents=True, exist_ok=True)
     with (cache / f".{name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                       # released when the file is closed
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if marker.exists() and marker.read_text() == wanted:  # built by someone else meanwhile
             return venv
         if not marker.exists() and _venv_matches(venv, requirements):
@@ -147,15 +165,17 @@ def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = Non
         shutil.rmtree(venv, ignore_errors=True)
         log = cache / f"{name}-install.log"
         with log.open("w") as out:
-            for argv in ([sys.executable, "-m", "venv", str(venv)],
-                         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *requirements]):
+            for argv in (
+                [sys.executable, "-m", "venv", str(venv)],
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *requirements],
+            ):
                 out.write(f"$ {' '.join(argv)}\n")
                 out.flush()
-                rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=_clean_env()).returncode
+                rc = subprocess.run(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_clean_env()
+                ).returncode
                 if rc:
-                    raise LabError(f"building {venv} failed ({argv[-1]!r}, rc={rc})\n"
-                                   + _tail(log, skip=" is ignored"))
+                    raise LabError(f"building {venv} failed ({argv[-1]!r}, rc={rc})\n" + _tail(log, skip=" is ignored"))
         marker.write_text(wanted)
         return venv
 
@@ -163,6 +183,7 @@ def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = Non
 # --------------------------------------------------------------------------------------------------
 # stores
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Store:
@@ -195,10 +216,11 @@ _RESERVED_STORES = {"os_glance_staging_store": "staging", "os_glance_tasks_store
 # small process / network helpers
 # --------------------------------------------------------------------------------------------------
 
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:
-        for _ in range(n):                      # keep all bound until the end: n distinct ports
+        for _ in range(n):  # keep all bound until the end: n distinct ports
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((HOST, 0))
             socks.append(s)
@@ -217,8 +239,9 @@ def _http_status(port: int, path: str) -> int:
         conn.close()
 
 
-def _http_json(method: str, url: str, *, token: str | None = None,
-               body: dict[str, Any] | None = None) -> tuple[dict[str, Any], Message]:
+def _http_json(
+    method: str, url: str, *, token: str | None = None, body: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], Message]:
     """One JSON request to a lab service; returns (body, headers). LabError on HTTP errors."""
     if not url.startswith(f"http://{HOST}:"):
         raise ValueError(f"not a lab URL: {url}")
@@ -246,7 +269,7 @@ def _group_members(pgid: int, must_contain: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()     # after "pid (comm)": state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X") and must_contain in cmdline:
             members.append(int(proc.name))
     return members
@@ -269,12 +292,13 @@ class _Step:
     proc: subprocess.Popen[bytes]
     label: str
     log: Path
-    keep_as_template: tuple[Path, Path] | None = None   # (db file, where to keep a copy) after db_sync
+    keep_as_template: tuple[Path, Path] | None = None  # (db file, where to keep a copy) after db_sync
 
 
 # --------------------------------------------------------------------------------------------------
 # the lab
 # --------------------------------------------------------------------------------------------------
+
 
 class Lab:
     """Keystone + Glance on loopback, all state under `root` (see the module docstring).
@@ -284,9 +308,15 @@ class Lab:
     service, roles admin + service); all with password 'secret'.
     """
 
-    def __init__(self, root: Path | str, *, stores: Sequence[Store] = DEFAULT_STORES,
-                 default_store: str | None = None, timeout: float = 60.0,
-                 cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        stores: Sequence[Store] = DEFAULT_STORES,
+        default_store: str | None = None,
+        timeout: float = 60.0,
+        cache: Path | None = None,
+    ) -> None:
         self.root = Path(root).resolve()
         self.stores: list[Store] = list(stores)
         self.default_store = default_store or self.stores[0].name
@@ -299,7 +329,7 @@ class Lab:
         self._ks_venv: Path | None = None
         self._glance_venv: Path | None = None
         state = self.run_dir / "lab.json"
-        if state.exists():                     # a lab started earlier in this dir (python -m tests.lab)
+        if state.exists():  # a lab started earlier in this dir (python -m tests.lab)
             with contextlib.suppress(ValueError, OSError):
                 ports = json.loads(state.read_text())
                 self.keystone_port, self.glance_port = ports["keystone_port"], ports["glance_port"]
@@ -366,7 +396,8 @@ class Lab:
         import openstack.connection  # noqa: PLC0415
 
         config = openstack.config.OpenStackConfig(
-            config_files=[str(self.clouds_yaml)], vendor_files=[], secure_files=[], load_envvars=False)
+            config_files=[str(self.clouds_yaml)], vendor_files=[], secure_files=[], load_envvars=False
+        )
         return openstack.connection.Connection(config=config.get_one(cloud))
 
     # ---- life cycle ---------------------------------------------------------------------------------
@@ -374,10 +405,9 @@ class Lab:
     def start(self) -> None:
         """Fresh Keystone + Glance on new free ports. Raises LabError (with log tails) on failure."""
         if self.running_services():
-            raise LabError(f"a lab is already running in {self.root} ({self.running_services()}); "
-                           "stop it first")
+            raise LabError(f"a lab is already running in {self.root} ({self.running_services()}); stop it first")
         t0 = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:     # on CI both are built at once
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # on CI both are built at once
             ks = pool.submit(ensure_venv, "ks-venv", KEYSTONE_REQUIREMENTS, self.cache)
             gl = pool.submit(ensure_venv, "glance-venv", GLANCE_REQUIREMENTS, self.cache)
             self._ks_venv, self._glance_venv = ks.result(), gl.result()
@@ -385,22 +415,34 @@ class Lab:
         t0 = time.monotonic()
         self._reset_dir()
         self.keystone_port, self.glance_port = _free_ports(2)
-        (self.run_dir / "lab.json").write_text(json.dumps(
-            {"keystone_port": self.keystone_port, "glance_port": self.glance_port}))
+        (self.run_dir / "lab.json").write_text(
+            json.dumps({"keystone_port": self.keystone_port, "glance_port": self.glance_port})
+        )
         try:
             self._write_keystone_config()
             self.write_glance_config()
             # Independent steps overlap (see "Startup time" in the module docstring).
             ks_sync, glance_sync = self._db_sync("keystone"), self._db_sync("glance")
-            self._write_keystone_keys()             # = keystone-manage fernet_setup + credential_setup
+            self._write_keystone_keys()  # = keystone-manage fernet_setup + credential_setup
             self._finish(ks_sync)
             url = f"http://{HOST}:{self.keystone_port}/v3/"
-            bootstrap = self._manage("keystone", "bootstrap", "--bootstrap-password", PASSWORD,
-                                     "--bootstrap-admin-url", url, "--bootstrap-public-url", url,
-                                     "--bootstrap-internal-url", url, "--bootstrap-region-id", REGION)
-            self._spawn("keystone")                  # loads while bootstrap writes the DB
+            bootstrap = self._manage(
+                "keystone",
+                "bootstrap",
+                "--bootstrap-password",
+                PASSWORD,
+                "--bootstrap-admin-url",
+                url,
+                "--bootstrap-public-url",
+                url,
+                "--bootstrap-internal-url",
+                url,
+                "--bootstrap-region-id",
+                REGION,
+            )
+            self._spawn("keystone")  # loads while bootstrap writes the DB
             self._finish(glance_sync)
-            self._spawn("glance")                    # needs no keystone until the first authenticated call
+            self._spawn("glance")  # needs no keystone until the first authenticated call
             self._finish(bootstrap)
             self._wait_ready("glance", "/", 300)
             self.timings["glance"] = time.monotonic() - t0
@@ -463,7 +505,7 @@ class Lab:
             sections.append(self._section(name, {"filesystem_store_datadir": str(datadir)}))
         for sub in ("cache", "lock"):
             (self.root / "data" / sub).mkdir(parents=True, exist_ok=True)
-        self.store(self.default_store)                                       # must exist
+        self.store(self.default_store)  # must exist
         values = {
             "LAB": str(self.root),
             "PORT": str(self._port("glance")),
@@ -475,7 +517,8 @@ class Lab:
         }
         self.glance_conf.write_text(_render(HERE / "glance-api.conf.in", values))
         (self.etc_dir / "glance-api-paste.ini").write_text(
-            _render(HERE / "glance-api-paste.ini.in", {"LAB": str(self.root)}))
+            _render(HERE / "glance-api-paste.ini.in", {"LAB": str(self.root)})
+        )
         shutil.copyfile(HERE / "glance-uwsgi.ini", self.etc_dir / "glance-uwsgi.ini")
         shutil.copyfile(HERE / f"{_SQLITE_HOOK}.py", self.etc_dir / f"{_SQLITE_HOOK}.py")
 
@@ -518,7 +561,8 @@ class Lab:
                 f"      project_domain_name: Default\n"
                 f"    region_name: {REGION}\n"
                 f"    identity_api_version: 3\n"
-                f"    interface: public\n")
+                f"    interface: public\n"
+            )
         self.clouds_yaml.write_text("clouds:\n" + "".join(clouds))
 
     def _reset_dir(self) -> None:
@@ -537,15 +581,29 @@ class Lab:
     def _manage(self, service: str, *args: str) -> _Step:
         """Start keystone-manage / glance-manage (not waited for; see _finish)."""
         if service == "keystone":
-            argv = [str(self._venv("keystone") / "bin" / "keystone-manage"),
-                    "--config-file", str(self.etc_dir / "keystone.conf"), *args]
+            argv = [
+                str(self._venv("keystone") / "bin" / "keystone-manage"),
+                "--config-file",
+                str(self.etc_dir / "keystone.conf"),
+                *args,
+            ]
         else:
-            argv = [str(self._venv("glance") / "bin" / "glance-manage"),
-                    "--config-file", str(self.glance_conf), *args]
+            argv = [
+                str(self._venv("glance") / "bin" / "glance-manage"),
+                "--config-file",
+                str(self.glance_conf),
+                *args,
+            ]
         log = self.logs_dir / f"{service}-manage-{args[0]}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=_clean_env(), cwd=self.root)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_clean_env(),
+                cwd=self.root,
+            )
         return _Step(proc, f"{service}-manage {args[0]}", log)
 
     def _db_sync(self, service: str) -> _Step | None:
@@ -578,15 +636,15 @@ class Lab:
             rc = "timeout"
         if rc != 0:
             raise LabError(f"{step.label} failed (rc={rc})\n{_tail(step.log)}")
-        if step.keep_as_template:                   # first db_sync with this venv: keep the result
+        if step.keep_as_template:  # first db_sync with this venv: keep the result
             target, template = step.keep_as_template
             tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
             shutil.copyfile(target, tmp)
-            tmp.replace(template)                    # atomic: concurrent labs never see half a file
+            tmp.replace(template)  # atomic: concurrent labs never see half a file
 
     def _venv(self, service: str) -> Path:
         venv = self._ks_venv if service == "keystone" else self._glance_venv
-        if venv is None:                             # e.g. start_glance() on a Lab attached to a directory
+        if venv is None:  # e.g. start_glance() on a Lab attached to a directory
             if service == "keystone":
                 venv = self._ks_venv = ensure_venv("ks-venv", KEYSTONE_REQUIREMENTS, self.cache)
             else:
@@ -596,17 +654,32 @@ class Lab:
     def _spawn(self, name: str) -> None:
         """Start uWSGI for `name` in a new session (its process group id = its pid, kept in run/<name>.pid),
         output to logs/<name>-uwsgi.log. The argv names this lab's ini: see _live_members."""
-        argv = [str(self._venv(name) / "bin" / "uwsgi"), "--ini", str(self.etc_dir / f"{name}-uwsgi.ini"),
-                "--http-socket", f"{HOST}:{self._port(name)}",
-                # SQLite: BEGIN IMMEDIATE (see lab_sqlite_immediate.py, copied to etc/)
-                "--pythonpath", str(self.etc_dir), "--import", _SQLITE_HOOK]
+        argv = [
+            str(self._venv(name) / "bin" / "uwsgi"),
+            "--ini",
+            str(self.etc_dir / f"{name}-uwsgi.ini"),
+            "--http-socket",
+            f"{HOST}:{self._port(name)}",
+            # SQLite: BEGIN IMMEDIATE (see lab_sqlite_immediate.py, copied to etc/)
+            "--pythonpath",
+            str(self.etc_dir),
+            "--import",
+            _SQLITE_HOOK,
+        ]
         if name == "keystone":
             env = _clean_env(OS_KEYSTONE_CONFIG_FILES=str(self.etc_dir / "keystone.conf"))
         else:
             env = _clean_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir))
         with (self.logs_dir / f"{name}-uwsgi.log").open("ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd=self.root, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.root,
+                start_new_session=True,
+            )
         self._procs[name] = proc
         (self.run_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
 
@@ -618,8 +691,10 @@ class Lab:
         last: object = None
         while True:
             if proc.poll() is not None:
-                raise LabError(f"{name} (uWSGI on port {port}) exited with rc={proc.returncode} before "
-                               f"answering\n{_tail(log)}\n{self._app_log_tail(name)}")
+                raise LabError(
+                    f"{name} (uWSGI on port {port}) exited with rc={proc.returncode} before "
+                    f"answering\n{_tail(log)}\n{self._app_log_tail(name)}"
+                )
             try:
                 last = _http_status(port, path)
                 if last == status:
@@ -627,9 +702,11 @@ class Lab:
             except OSError as exc:
                 last = exc
             if time.monotonic() > deadline:
-                raise LabError(f"{name}: GET http://{HOST}:{port}{path} did not answer {status} within "
-                               f"{self.timeout:.0f} s (last: {last!r})\n"
-                               f"{_tail(log)}\n{self._app_log_tail(name)}")
+                raise LabError(
+                    f"{name}: GET http://{HOST}:{port}{path} did not answer {status} within "
+                    f"{self.timeout:.0f} s (last: {last!r})\n"
+                    f"{_tail(log)}\n{self._app_log_tail(name)}"
+                )
             time.sleep(0.05)
 
     def _app_log_tail(self, name: str) -> str:
@@ -673,7 +750,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None:
-                proc.poll()                      # reap our child so it does not linger as a zombie
+                proc.poll()  # reap our child so it does not linger as a zombie
             if not self._live_members(name):
                 return
             time.sleep(0.05)
@@ -696,23 +773,44 @@ class Lab:
         def project_user(project_name: str, user_name: str, role_names: list[str]) -> None:
             project = call("POST", "/projects", {"project": {"name": project_name, "domain_id": "default"}})
             project_id = project["project"]["id"]
-            user = call("POST", "/users", {"user": {
-                "name": user_name, "password": PASSWORD, "domain_id": "default",
-                "default_project_id": project_id}})["user"]
+            user = call(
+                "POST",
+                "/users",
+                {
+                    "user": {
+                        "name": user_name,
+                        "password": PASSWORD,
+                        "domain_id": "default",
+                        "default_project_id": project_id,
+                    }
+                },
+            )["user"]
             for role_name in role_names:
                 call("PUT", f"/projects/{project_id}/users/{user['id']}/roles/{roles[role_name]}")
 
         def image_service() -> None:
             service = call("POST", "/services", {"service": {"name": "glance", "type": "image"}})["service"]
             for interface in ("public", "internal", "admin"):
-                call("POST", "/endpoints", {"endpoint": {"service_id": service["id"], "interface": interface,
-                                                         "region_id": REGION, "url": self.glance_url}})
+                call(
+                    "POST",
+                    "/endpoints",
+                    {
+                        "endpoint": {
+                            "service_id": service["id"],
+                            "interface": interface,
+                            "region_id": REGION,
+                            "url": self.glance_url,
+                        }
+                    },
+                )
 
         # three independent chains of calls, concurrently (each Keystone call takes 50-100 ms)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(project_user, "service", "glance", ["admin", "service"]),
-                       pool.submit(project_user, "demo", "demo", ["member"]),
-                       pool.submit(image_service)]
+            futures = [
+                pool.submit(project_user, "service", "glance", ["admin", "service"]),
+                pool.submit(project_user, "demo", "demo", ["member"]),
+                pool.submit(image_service),
+            ]
             for future in futures:
                 future.result()
         return token
@@ -727,14 +825,21 @@ class Lab:
         enabled = {store["id"] for store in stores}
         missing = [store.name for store in self.stores if store.name not in enabled]
         if missing:
-            raise LabError(f"glance did not enable the stores {missing} (enabled: {sorted(enabled)})\n"
-                           f"{self._app_log_tail('glance')}")
+            raise LabError(
+                f"glance did not enable the stores {missing} (enabled: {sorted(enabled)})\n"
+                f"{self._app_log_tail('glance')}"
+            )
 
     def _keystone_token(self) -> str:
-        body = {"auth": {
-            "identity": {"methods": ["password"], "password": {"user": {
-                "name": "admin", "domain": {"id": "default"}, "password": PASSWORD}}},
-            "scope": {"project": {"name": "admin", "domain": {"id": "default"}}}}}
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {"user": {"name": "admin", "domain": {"id": "default"}, "password": PASSWORD}},
+                },
+                "scope": {"project": {"name": "admin", "domain": {"id": "default"}}},
+            }
+        }
         try:
             return _http_json("POST", f"{self.keystone_url}/auth/tokens", body=body)[1]["X-Subject-Token"]
         except LabError as exc:
@@ -743,9 +848,11 @@ class Lab:
 
 def describe(lab: Lab) -> str:
     """Shell lines (eval-able) telling how to use a running lab."""
-    return (f"# keystone {lab.keystone_url}  glance {lab.glance_url}  logs {lab.logs_dir}\n"
-            f"# clouds.yaml: {lab.clouds_yaml} (clouds lab-admin, lab-demo; password {PASSWORD})\n"
-            f"export OS_CLIENT_CONFIG_FILE={lab.clouds_yaml} OS_CLOUD=lab-admin")
+    return (
+        f"# keystone {lab.keystone_url}  glance {lab.glance_url}  logs {lab.logs_dir}\n"
+        f"# clouds.yaml: {lab.clouds_yaml} (clouds lab-admin, lab-demo; password {PASSWORD})\n"
+        f"export OS_CLIENT_CONFIG_FILE={lab.clouds_yaml} OS_CLOUD=lab-admin"
+    )
 
 
 __all__ = ["DEFAULT_STORES", "Lab", "LabError", "Store", "cache_dir", "describe", "ensure_venv"]

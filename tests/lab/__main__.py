@@ -21,8 +21,12 @@ from . import Lab, LabError, describe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down"])
-    parser.add_argument("--dir", type=Path, default=Path(".glance-lab"),
-                        help="lab directory (default: .glance-lab in the current directory)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".glance-lab"),
+        help="lab directory (default: .glance-lab in the current directory)",
+    )
     args = parser.parse_args(argv)
     lab = Lab(args.dir)
     if args.command == "down":
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if running == ["keystone", "glance"]:
         print(f"# lab already running in {lab.root}")
     else:
-        lab.stop()                          # leftovers of a half-dead lab
+        lab.stop()  # leftovers of a half-dead lab
         print(f"# starting Keystone and Glance in {lab.root} ...", file=sys.stderr, flush=True)
         try:
             lab.start()
@@ -42,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lab failed to start: {exc}", file=sys.stderr)
             return 1
         t = lab.timings
-        print(f"# started in {t['ready']:.1f} s (glance answered after {t['glance']:.1f} s, keystone set up "
-              f"after {t['keystone']:.1f} s; venv check {t['venvs']:.1f} s)")
+        print(
+            f"# started in {t['ready']:.1f} s (glance answered after {t['glance']:.1f} s, keystone set up "
+            f"after {t['keystone']:.1f} s; venv check {t['venvs']:.1f} s)"
+        )
     print(describe(lab))
     return 0
 

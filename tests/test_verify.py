@@ -1,0 +1,33 @@
+"""The trust-boundary check: any change of size or hash since discovery is an integrity failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from glance_migrator.errors import IntegrityFailure
+from glance_migrator.models import ImageRow
+from glance_migrator.verify import check_unchanged, has_fingerprint
+
+RECORD = {"size": 10, "checksum": "a" * 32, "os_hash_algo": "sha512", "os_hash_value": "b" * 128}
+
+
+def _row() -> ImageRow:
+    return ImageRow(image_id="x", **RECORD)
+
+
+def test_identical_fingerprint_passes() -> None:
+    check_unchanged(_row(), {**RECORD, "stores": "new"}, "after copy")
+
+
+@pytest.mark.parametrize("field", sorted(RECORD))
+def test_any_changed_field_is_an_integrity_failure(field: str) -> None:
+    changed = {**RECORD, field: "different"}
+    with pytest.raises(IntegrityFailure, match=f"after copy: .*{field}"):
+        check_unchanged(_row(), changed, "after copy")
+
+
+def test_images_without_size_or_hash_cannot_be_verified() -> None:
+    assert has_fingerprint(RECORD)
+    assert not has_fingerprint({**RECORD, "size": None})
+    assert not has_fingerprint({**RECORD, "checksum": None, "os_hash_value": None})
+    assert has_fingerprint({**RECORD, "os_hash_value": None})  # pre-Rocky images: md5 only
