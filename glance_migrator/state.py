@@ -90,3 +90,17 @@ def transitions(strategy: Strategy) -> list[tuple[State, State]]:
     edges += [(s, State.FAILED) for s in path if s not in TERMINAL]
     edges += sorted({(State.FAILED, retry_state(strategy, s)) for s in path if s not in TERMINAL})
     return edges
+
+
+def mermaid(strategy: Strategy) -> str:
+    """The state diagram of `strategy` as a Mermaid block; README.md embeds it and a test checks it."""
+    lines = ["```mermaid", "stateDiagram-v2", f"    [*] --> {_node(State.PENDING)}"]
+    for a, b in transitions(strategy):
+        label = " : retry" if a == State.FAILED else ""
+        lines.append(f"    {_node(a)} --> {_node(b)}{label}")
+    lines += [f"    {_node(State.DONE)} --> [*]", "```"]
+    return "\n".join(lines)
+
+
+def _node(state: State) -> str:
+    return state.value.replace("-", "_")  # Mermaid ids cannot contain '-'
