@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
@@ -13,6 +14,7 @@ import typer
 from glance_migrator import __version__, commands, render
 from glance_migrator.errors import Aborted, MigratorError
 from glance_migrator.glance import Glance
+from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
 from glance_migrator.statedb import StateDB, default_db_path
 
@@ -72,6 +74,16 @@ def run(
         typer.Option("--image", help="Only this image UUID (repeatable). Default: every image."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the state DB.")] = False,
+    strategy: Annotated[
+        Strategy,
+        typer.Option(
+            "--strategy", help="copy-image (Glance multi-store import) or location-swap (the original method)."
+        ),
+    ] = Strategy.COPY_IMAGE,
+    spool_dir: Annotated[
+        Path | None,
+        typer.Option("--spool-dir", help=f"location-swap: private dir for downloads. Default: {default_spool_dir()}"),
+    ] = None,
     workers: WorkersOption = 1,
     db: DbOption = None,
     os_cloud: CloudOption = None,
@@ -89,7 +101,8 @@ def run(
         image_ids=image or [],
         resume=resume,
         workers=workers,
-        strategy=Strategy.COPY_IMAGE,
+        strategy=strategy,
+        spool_dir=spool_dir,
     )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from glance_migrator.discovery import discover, parse_image_ids, preflight
@@ -12,7 +13,8 @@ from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.runner import Runner, graceful_interrupts
-from glance_migrator.state import State, Strategy
+from glance_migrator.spool import Spool, default_spool_dir
+from glance_migrator.state import PATHS, State, Strategy
 from glance_migrator.statedb import StateDB
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def run_migration(
     resume: bool = False,
     workers: int = 1,
     strategy: Strategy = Strategy.COPY_IMAGE,
-    **ctx_options: float,
+    spool_dir: Path | None = None,
 ) -> RunReport:
     """Start a run (discover, then migrate), or with `resume` continue the unfinished one."""
     ids = parse_image_ids(image_ids)
@@ -76,8 +78,12 @@ def run_migration(
             )
         glance = connect()
         preflight(glance, from_store, to_store, strategy)
+        spool = None
+        if strategy == Strategy.LOCATION_SWAP:
+            spool = Spool(spool_dir or default_spool_dir())
+            spool.ensure()
         rows = discover(glance, ids, from_store, to_store, strategy)
-        run = db.create_run(from_store, to_store, strategy, glance.cloud, rows)
+        run = db.create_run(from_store, to_store, strategy, glance.cloud, rows, str(spool.root) if spool else None)
         pending = sum(1 for row, _ in rows if row.state == State.PENDING)
         log.info(
             "run %d: %d image(s) found, %d to migrate %s -> %s",
@@ -87,7 +93,7 @@ def run_migration(
             from_store,
             to_store,
         )
-    runner = Runner(db, glance, run, workers, **ctx_options)
+    runner = Runner(db, glance, run, workers)
     with graceful_interrupts(runner):
         runner.run()
     db.finish_run_if_complete(run.id)
@@ -108,7 +114,6 @@ def retry(
     run_id: int | None = None,
     queue_only: bool = False,
     workers: int = 1,
-    **ctx_options: float,
 ) -> RunReport:
     """Put failed images back at the step they failed at, then (unless queue_only) migrate them now."""
     if not image_ids and not all_failed:
@@ -139,7 +144,6 @@ def retry(
         resume=True,
         workers=workers,
         strategy=Strategy(run.strategy),
-        **ctx_options,
     )
 
 
@@ -157,7 +161,10 @@ def status_document(rep: RunReport) -> dict[str, Any]:
             "finished_at": _iso(run.finished_at),
             "complete": rep.complete,
         },
-        "counts": {str(state): rep.counts.get(str(state), 0) for state in State},
+        "counts": {
+            str(state): rep.counts.get(str(state), 0)
+            for state in (*PATHS[Strategy(run.strategy)], State.FAILED, State.SKIPPED)
+        },
         "total": len(rep.images),
         "images": [
             {
@@ -171,6 +178,7 @@ def status_document(rep: RunReport) -> dict[str, Any]:
                 "size": row.size,
                 "stores_before": row.stores,
                 "stores_after": row.after_stores,
+                "copy_image_id": row.copy_image_id,
                 "updated_at": _iso(row.updated_at),
             }
             for row in rep.images

@@ -11,6 +11,7 @@ from glance_migrator.errors import CloudError, UsageError
 from glance_migrator.glance import ADMIN_ROLES, Glance, image_stores
 from glance_migrator.models import ImageRow
 from glance_migrator.state import State, Strategy
+from glance_migrator.strategies.location_swap import COPY_OF_PROPERTY
 from glance_migrator.verify import has_fingerprint
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ def preflight(glance: Glance, from_store: str, to_store: str, strategy: Strategy
             raise UsageError(f"{option} {store!r}: Glance has no such store (stores: {', '.join(sorted(known))})")
     if strategy == Strategy.COPY_IMAGE and "copy-image" not in glance.import_methods():
         raise CloudError("Glance does not offer the copy-image import method (enabled_import_methods)")
+    if strategy == Strategy.LOCATION_SWAP:
+        sample = next(iter(glance.list_images(limit=1)), None)
+        if sample is not None and "locations" not in sample:
+            raise CloudError(
+                "Glance does not show image locations (show_multiple_locations = False or policy); "
+                "location-swap needs them: use --strategy copy-image"
+            )
     roles = glance.roles()
     if roles and not roles & ADMIN_ROLES:
         raise CloudError(
@@ -59,8 +67,14 @@ def discover(
     else:
         images = glance.list_images()
     rows: dict[str, tuple[ImageRow, str | None]] = {}
+    copies = 0
     for image in images:
+        if image.get(COPY_OF_PROPERTY) and not image_ids:
+            copies += 1  # location-swap's second images move with their originals, never on their own
+            continue
         rows.setdefault(image["id"], classify(image, from_store, to_store, strategy))
+    if copies:
+        log.info("left out %d image(s) that are glance-migrator copies (%s)", copies, COPY_OF_PROPERTY)
     return list(rows.values())
 
 
@@ -74,7 +88,9 @@ def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:
 def classify(image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy) -> tuple[ImageRow, str | None]:
     stores = image_stores(image)
     state, reason = State.PENDING, None
-    if image.get("status") != "active":
+    if image.get(COPY_OF_PROPERTY):
+        state, reason = State.SKIPPED, f"a glance-migrator copy of image {image[COPY_OF_PROPERTY]}"
+    elif image.get("status") != "active":
         state, reason = State.SKIPPED, f"status is {image.get('status')}, not active"
     elif to_store in stores and from_store not in stores:
         state, reason = State.DONE, f"already in {to_store} only"

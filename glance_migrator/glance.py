@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ RETRY_ATTEMPTS: Final = 6
 RETRY_WAIT_FIRST: Final = 0.5  # seconds; doubles on each attempt ...
 RETRY_WAIT_MAX: Final = 15.0  # ... up to this, so a burst of ~30 s of trouble is ridden out
 PAGE_SIZE: Final = 200
+CHUNK: Final = 1 << 20  # bytes per read when streaming image data
 TIMEOUT: Final = (10, 300)  # connect, read: a store delete or a large listing can take minutes
 ADMIN_ROLES: Final = frozenset({"admin"})
 
@@ -143,8 +145,7 @@ class Glance:
 
     # -- plumbing ----------------------------------------------------------------------------------
 
-    @_retry_transient
-    def _request(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> requests.Response:
         try:
             headers = {"Accept": "application/json", **kwargs.pop("headers", {})}  # else errors come as HTML
             response = self.conn.image.request(
@@ -159,10 +160,19 @@ class Glance:
         error = TransientHTTPError if response.status_code in TRANSIENT_STATUSES else GlanceHTTPError
         raise error(response.status_code, method, path, _detail(response))
 
-    def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> requests.Response:
-        """`_request` whose retries, once spent, stop the run (GlanceUnavailable) instead of the image."""
+    @_retry_transient
+    def _request(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> requests.Response:
+        return self._send(method, path, ok, **kwargs)
+
+    def _call(
+        self, method: str, path: str, ok: tuple[int, ...] = (200,), retry: bool = True, **kwargs: Any
+    ) -> requests.Response:
+        """A request whose retries, once spent, stop the run (GlanceUnavailable) instead of the image.
+
+        `retry=False` for a request whose body is a stream: it cannot be sent twice.
+        """
         try:
-            return self._request(method, path, ok, **kwargs)
+            return (self._request if retry else self._send)(method, path, ok, **kwargs)
         except TransientHTTPError as e:
             raise GlanceUnavailable(f"Glance keeps failing: {e}; progress is saved, run again with --resume") from e
         except (ksa_exc.ConnectionError, requests.ConnectionError, requests.Timeout) as e:
@@ -190,19 +200,19 @@ class Glance:
                 return None
             raise
 
-    def list_images(self) -> Iterator[dict[str, Any]]:
+    def list_images(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """Every image an admin can see: all visibilities (community included), hidden or not.
 
         A plain list leaves out community images of other projects and every os_hidden image, which
         is how images get forgotten in a migration; so list visibility=all, once per os_hidden value.
         """
         for hidden in ("false", "true"):
-            path: str | None = f"/images?visibility=all&os_hidden={hidden}&limit={PAGE_SIZE}"
+            path: str | None = f"/images?visibility=all&os_hidden={hidden}&limit={limit or PAGE_SIZE}"
             while path:
                 body = self._call("GET", path).json()
                 yield from body.get("images", [])
                 nxt = body.get("next")
-                path = nxt.removeprefix("/v2") if nxt else None
+                path = nxt.removeprefix("/v2") if nxt and limit is None else None
 
     def stores(self) -> list[StoreInfo] | None:
         """The stores Glance is configured with, or None on a Glance without multi-store."""
@@ -235,6 +245,40 @@ class Glance:
             ok=(202,),
             json={"method": {"name": "copy-image"}, "stores": [store], "all_stores_must_succeed": True},
         )
+
+    def find_copies(self, key: str, value: str) -> list[dict[str, Any]]:
+        """Images (hidden ones included) whose property `key` is `value`: our own migration copies."""
+        found: list[dict[str, Any]] = []
+        for hidden in ("true", "false"):
+            body = self._call("GET", f"/images?visibility=all&os_hidden={hidden}&{key}={value}&limit=1000").json()
+            found += body.get("images", [])
+        return found
+
+    def create_image(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("POST", "/images", ok=(201,), json=body).json())
+
+    def upload(self, image_id: str, data: Any, size: int, store: str | None) -> None:
+        """PUT the image's data; with `store`, into that store (multi-store header X-Image-Meta-Store)."""
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        if store:
+            headers["X-Image-Meta-Store"] = store
+        self._call("PUT", f"/images/{image_id}/file", ok=(204,), retry=False, data=data, headers=headers)
+
+    @contextmanager
+    def download(self, image_id: str) -> Iterator[Iterator[bytes]]:
+        """The image's data as a stream of chunks (verify it yourself: Glance's checksum header is md5 only)."""
+        response = self._call("GET", f"/images/{image_id}/file", ok=(200,), stream=True)
+        try:
+            yield response.iter_content(CHUNK)
+        finally:
+            response.close()
+
+    def patch(self, image_id: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/openstack-images-v2.1-json-patch"}
+        return dict(self._call("PATCH", f"/images/{image_id}", json=ops, headers=headers).json())
+
+    def delete_image(self, image_id: str) -> None:
+        self._call("DELETE", f"/images/{image_id}", ok=(204,))
 
     def delete_from_store(self, image_id: str, store: str) -> None:
         """Delete the image's data from one store (the image and its other copies stay)."""

@@ -40,6 +40,7 @@ class Run(Base):
     to_store: Mapped[str] = mapped_column(String(255))
     strategy: Mapped[str] = mapped_column(String(32))
     cloud: Mapped[str | None] = mapped_column(String(255))
+    spool_dir: Mapped[str | None] = mapped_column(Text)  # location-swap: where downloads are kept
 
 
 class ImageRow(Base):
@@ -70,6 +71,8 @@ class ImageRow(Base):
     after_checksum: Mapped[str | None] = mapped_column(String(32))
     after_hash_value: Mapped[str | None] = mapped_column(String(128))
     after_size: Mapped[int | None] = mapped_column(Integer)
+    # location-swap: the second image B that now shares its data object with this one.
+    copy_image_id: Mapped[str | None] = mapped_column(String(36))
     # The runner working on this image, and until when its claim holds without a heartbeat.
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires: Mapped[datetime | None] = mapped_column(DateTime)

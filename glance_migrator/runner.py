@@ -11,12 +11,14 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Final
 
 from glance_migrator.errors import Aborted, ImageFailure, ImageSkipped, InternalError, MigratorError
 from glance_migrator.glance import Glance, GlanceHTTPError
 from glance_migrator.models import ImageRow, Run
+from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
 from glance_migrator.statedb import LEASE_TTL, LeaseLost, LeaseOwner, StateDB
 from glance_migrator.strategies import Interrupted, StepContext, steps_for
@@ -111,7 +113,10 @@ class Runner:
     def _process(self, row: ImageRow) -> None:
         strategy = Strategy(row.strategy)
         steps = steps_for(strategy)
-        ctx = StepContext(self.glance, self.run_row.from_store, self.run_row.to_store, self.stop, **self._ctx_options)
+        spool = Spool(Path(self.run_row.spool_dir)) if self.run_row.spool_dir else None
+        ctx = StepContext(
+            self.glance, self.run_row.from_store, self.run_row.to_store, self.stop, spool=spool, **self._ctx_options
+        )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"
         while State(row.state) not in TERMINAL:

@@ -21,6 +21,7 @@ from glance_migrator.errors import IllegalTransition
 
 class Strategy(StrEnum):
     COPY_IMAGE = "copy-image"
+    LOCATION_SWAP = "location-swap"
 
 
 class State(StrEnum):
@@ -28,6 +29,13 @@ class State(StrEnum):
     COPY_REQUESTED = "copy-requested"  # Glance accepted (or is already running) a copy-image task
     COPIED = "copied"  # the target store holds the image, hashes as recorded at discovery
     OLD_REMOVED = "old-removed"  # the source store no longer holds it
+    # location-swap (the original 2015 method, made safe)
+    DOWNLOADED = "downloaded"  # a private spool file holds the image, hashes verified
+    CREATED = "created"  # a hidden second image B in the target store holds the same bytes, verified
+    LOCATION_SET = "location-set"  # the image lists B's location beside its old one
+    LOCATION_DELETED = "location-deleted"  # the old location (and its data) is gone
+    PROTECTED = "protected"  # the image and B are protected: B shares the image's data object
+    CLEANED = "cleaned"  # the spool file is gone
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -35,6 +43,16 @@ class State(StrEnum):
 
 PATHS: Final[Mapping[Strategy, tuple[State, ...]]] = {
     Strategy.COPY_IMAGE: (State.PENDING, State.COPY_REQUESTED, State.COPIED, State.OLD_REMOVED, State.DONE),
+    Strategy.LOCATION_SWAP: (
+        State.PENDING,
+        State.DOWNLOADED,
+        State.CREATED,
+        State.LOCATION_SET,
+        State.LOCATION_DELETED,
+        State.PROTECTED,
+        State.CLEANED,
+        State.DONE,
+    ),
 }
 
 # Where `retry` resumes an image that failed while at a given state, when that is not the state itself:
@@ -45,14 +63,6 @@ RETRY_FROM: Final[Mapping[tuple[Strategy, State], State]] = {
 }
 
 TERMINAL: Final = frozenset({State.DONE, State.FAILED, State.SKIPPED})
-
-# What each step does, for logs and the state diagram: the step that leads *into* the state.
-STEP_DESCRIPTIONS: Final[Mapping[State, str]] = {
-    State.COPY_REQUESTED: "ask Glance to copy the image to the target store (import method copy-image)",
-    State.COPIED: "wait until the target store lists the image; check its hashes are unchanged",
-    State.OLD_REMOVED: "delete the image's data from the source store (DELETE /v2/stores/{from}/{id})",
-    State.DONE: "confirm: target store only, hashes as at discovery",
-}
 
 
 def next_state(strategy: Strategy, state: State) -> State | None:

@@ -149,6 +149,7 @@ class StateDB:
         strategy: Strategy,
         cloud: str | None,
         images: Sequence[tuple[ImageRow, str | None]],
+        spool_dir: str | None = None,
     ) -> Run:
         """Record a run and all its images in one transaction: a crash leaves all of it or none."""
         with self.session() as s:
@@ -158,7 +159,9 @@ class StateDB:
                     f"run {unfinished.id} ({unfinished.from_store} -> {unfinished.to_store}) is not finished; "
                     "continue it with `glance-migrator run --resume`"
                 )
-            run = Run(from_store=from_store, to_store=to_store, strategy=str(strategy), cloud=cloud)
+            run = Run(
+                from_store=from_store, to_store=to_store, strategy=str(strategy), cloud=cloud, spool_dir=spool_dir
+            )
             s.add(run)
             s.flush()
             for row, reason in images:

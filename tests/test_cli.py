@@ -225,6 +225,7 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
         "size",
         "stores_before",
         "stores_after",
+        "copy_image_id",
         "updated_at",
     }
     assert image["id"] == seeded.id and image["state"] == "done" and image["stores_after"] == "new"

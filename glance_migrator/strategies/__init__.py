@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from glance_migrator.errors import ImageFailure
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
+from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
 
 POLL_INTERVAL: Final = 1.0  # seconds between looks at a running Glance task
@@ -37,6 +39,12 @@ class StepContext:
     copy_timeout: float = COPY_TIMEOUT
     lock_timeout: float = LOCK_TIMEOUT
     stuck_after: float = STUCK_AFTER
+    spool: Spool | None = None
+
+    def require_spool(self) -> Spool:
+        if self.spool is None:
+            raise ImageFailure("this strategy needs a spool directory and the run has none", kind="internal")
+        return self.spool
 
     def sleep(self, seconds: float) -> None:
         """Wait, but give up at once when the operator asks to stop."""
@@ -54,7 +62,10 @@ Step = Callable[[StepContext, ImageRow], StepResult]
 
 
 def steps_for(strategy: Strategy) -> Mapping[State, Step]:
-    from glance_migrator.strategies import copy_image  # noqa: PLC0415 - avoids an import cycle
+    from glance_migrator.strategies import copy_image, location_swap  # noqa: PLC0415 - avoids an import cycle
 
-    registry: dict[Strategy, Mapping[State, Step]] = {Strategy.COPY_IMAGE: copy_image.STEPS}
+    registry: dict[Strategy, Mapping[State, Step]] = {
+        Strategy.COPY_IMAGE: copy_image.STEPS,
+        Strategy.LOCATION_SWAP: location_swap.STEPS,
+    }
     return registry[strategy]

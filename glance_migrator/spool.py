@@ -1,0 +1,75 @@
+"""The private directory where location-swap keeps each image's bytes between download and upload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+import platformdirs
+
+from glance_migrator.errors import ImageFailure, UsageError
+from glance_migrator.models import ImageRow
+from glance_migrator.verify import DataHasher
+
+PRIVATE_DIR: Final = 0o700
+PRIVATE_FILE: Final = 0o600
+HEADROOM: Final = 64 << 20  # bytes kept free beside the spool file, so the disk never fills to the last byte
+
+
+def default_spool_dir() -> Path:
+    return platformdirs.user_cache_path("glance-migrator") / "spool"
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        """Create the directory 0700 (image data may be private to its project); refuse a shared one."""
+        try:
+            self.root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            self.root.chmod(PRIVATE_DIR)
+        except OSError as e:
+            raise UsageError(f"spool directory {self.root}: {e.strerror}") from e
+
+    def path(self, image_id: str) -> Path:
+        return self.root / f"{image_id}.img"
+
+    def write(self, row: ImageRow, chunks: Iterable[bytes]) -> DataHasher:
+        """Stream `chunks` to the image's spool file (0600), hashing; verified before it takes its name."""
+        self.ensure()
+        need = (row.size or 0) + HEADROOM
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            raise ImageFailure(
+                f"spool {self.root} has {free} bytes free, the image needs {row.size} (+{HEADROOM} headroom); "
+                "free space or point --spool-dir elsewhere",
+                kind="resources",
+            )
+        final = self.path(row.image_id)
+        partial = final.with_suffix(".part")
+        hasher = DataHasher(row.os_hash_algo)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            hasher.check(row, "download")
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.rename(final)
+        return hasher
+
+    def remove(self, image_id: str) -> bool:
+        path = self.path(image_id)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        path.with_suffix(".part").unlink(missing_ok=True)
+        return existed

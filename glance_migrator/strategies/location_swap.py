@@ -1,0 +1,221 @@
+"""location-swap: the original 2015 method, made safe, for clouds whose target store takes added locations.
+
+pending -> downloaded -> created -> location-set -> location-deleted -> protected -> cleaned -> done.
+A second image B is uploaded straight into the target store; its location is *added* to the image A,
+and only then is A's old location removed (Glance refuses to remove the last location, and no moment
+may exist with zero copies). A and B then share one data object: deleting B would leave A `active`
+serving nothing, so both are protected, and B is hidden and names A in COPY_OF_PROPERTY so that a run
+that crashed before recording B's id finds it again. Glance checks neither size nor hash when a
+location is added, so every hash is checked here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from glance_migrator.errors import ImageFailure, IntegrityFailure
+from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, image_stores
+from glance_migrator.models import ImageRow
+from glance_migrator.state import State
+from glance_migrator.strategies import Step, StepContext, StepResult
+from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, hash_file
+
+COPY_OF_PROPERTY: Final = "glance_migrator_copy_of"
+UPLOAD_ATTEMPTS: Final = 3
+
+
+def _image(ctx: StepContext, image_id: str, what: str = "the image") -> dict[str, Any]:
+    image = ctx.glance.get_image(image_id)
+    if image is None:
+        raise ImageFailure(f"{what} {image_id} no longer exists in Glance", kind="gone")
+    return image
+
+
+def _locations(image: dict[str, Any]) -> list[dict[str, Any]]:
+    if "locations" not in image:
+        raise ImageFailure(
+            "Glance does not show image locations (show_multiple_locations = False, or policy); "
+            "location-swap needs them",
+            kind="refused",
+        )
+    return list(image["locations"])
+
+
+def _location_store(location: dict[str, Any]) -> str | None:
+    return (location.get("metadata") or {}).get("store")
+
+
+def _in_store(locations: list[dict[str, Any]], store: str) -> list[int]:
+    return [i for i, loc in enumerate(locations) if _location_store(loc) == store]
+
+
+def download(ctx: StepContext, row: ImageRow) -> StepResult:
+    spool = ctx.require_spool()
+    image = _image(ctx, row.image_id)
+    check_unchanged(row, image, "before download")
+    path = spool.path(row.image_id)
+    if path.exists():
+        try:
+            hash_file(path, row.os_hash_algo).check(row, "spool file from an earlier attempt")
+            return StepResult(f"spool file {path} from an earlier attempt is complete and verified")
+        except IntegrityFailure:
+            path.unlink()
+    with ctx.glance.download(row.image_id) as chunks:
+        hasher = spool.write(row, chunks)
+    return StepResult(f"downloaded {hasher.size} bytes to {path}; {hasher.algo} and md5 match Glance's record")
+
+
+def _usable_copy(ctx: StepContext, row: ImageRow, copy: dict[str, Any]) -> bool:
+    return (
+        copy.get("status") == "active"
+        and fingerprint(copy) == {k: getattr(row, k) for k in fingerprint(copy)}
+        and ctx.to_store in image_stores(copy)
+    )
+
+
+def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
+    source = _image(ctx, row.image_id)
+    shared_urls = {loc["url"] for loc in _locations(source)}
+    copies = ctx.glance.find_copies(COPY_OF_PROPERTY, row.image_id)
+    for copy in copies:
+        if _usable_copy(ctx, row, copy):
+            return StepResult(f"copy {copy['id']} already in {ctx.to_store}, verified", {"copy_image_id": copy["id"]})
+    for copy in copies:  # leftovers of an upload that died: ours, unprotected, sharing nothing with the image
+        urls = {loc["url"] for loc in copy.get("locations") or []}
+        if not copy.get("protected") and not urls & shared_urls:
+            ctx.glance.delete_image(copy["id"])
+    path = ctx.require_spool().path(row.image_id)
+    if not path.exists():
+        raise ImageFailure(f"spool file {path} is missing; `retry` downloads it again", kind="resources")
+    last_error: GlanceUnavailable | None = None
+    for _ in range(UPLOAD_ATTEMPTS):
+        copy = ctx.glance.create_image(
+            {
+                "name": f"{source.get('name') or row.image_id} (glance-migrator copy)",
+                "disk_format": source.get("disk_format"),
+                "container_format": source.get("container_format"),
+                "visibility": "private",
+                "os_hidden": True,
+                COPY_OF_PROPERTY: row.image_id,
+            }
+        )
+        try:
+            with path.open("rb") as data:
+                ctx.glance.upload(copy["id"], data, path.stat().st_size, ctx.to_store)
+        except GlanceUnavailable as e:  # the connection broke mid-body: a stream cannot be resent
+            last_error = e
+            ctx.glance.delete_image(copy["id"])
+            ctx.sleep(ctx.poll_interval)
+            continue
+        except GlanceHTTPError as e:
+            ctx.glance.delete_image(copy["id"])
+            raise ImageFailure(f"Glance refused the upload of the copy to {ctx.to_store}: {e}", kind="refused") from e
+        uploaded = _image(ctx, copy["id"], "the copy")
+        if not _usable_copy(ctx, row, uploaded):
+            ctx.glance.delete_image(copy["id"])
+            raise IntegrityFailure(
+                f"the copy in {ctx.to_store} does not match the image: {fingerprint(uploaded)} "
+                f"in stores {uploaded.get('stores')!r}"
+            )
+        return StepResult(
+            f"copy {copy['id']} created in {ctx.to_store}, size and hashes verified", {"copy_image_id": copy["id"]}
+        )
+    assert last_error is not None
+    raise last_error
+
+
+def _copy(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
+    if not row.copy_image_id:
+        raise ImageFailure("no copy recorded for this image", kind="internal")
+    copy = _image(ctx, row.copy_image_id, "the copy")
+    if not _usable_copy(ctx, row, copy):
+        raise IntegrityFailure(f"the copy {row.copy_image_id} no longer matches the image or left {ctx.to_store}")
+    return copy
+
+
+def _copy_location(ctx: StepContext, copy: dict[str, Any]) -> dict[str, Any]:
+    locations = _locations(copy)
+    found = _in_store(locations, ctx.to_store)
+    if not found:
+        raise ImageFailure(f"the copy {copy['id']} has no location in {ctx.to_store}")
+    return locations[found[0]]
+
+
+def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
+    copy_location = _copy_location(ctx, _copy(ctx, row))
+    image = _image(ctx, row.image_id)
+    check_unchanged(row, image, "before adding the new location")
+    if any(loc["url"] == copy_location["url"] for loc in _locations(image)):
+        return StepResult(f"already lists the location in {ctx.to_store}")
+    value = {"url": copy_location["url"], "metadata": {"store": ctx.to_store}}
+    try:
+        ctx.glance.patch(row.image_id, [{"op": "add", "path": "/locations/-", "value": value}])
+    except GlanceHTTPError as e:
+        raise ImageFailure(f"Glance refused to add the location in {ctx.to_store}: {e}", kind="refused") from e
+    after = _image(ctx, row.image_id)
+    if not any(loc["url"] == copy_location["url"] for loc in _locations(after)):
+        raise ImageFailure("Glance accepted the new location but does not list it")
+    return StepResult(f"location in {ctx.to_store} added beside the old one")
+
+
+def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
+    copy_location = _copy_location(ctx, _copy(ctx, row))  # B intact, hashes as recorded
+    image = _image(ctx, row.image_id)
+    check_unchanged(row, image, "before removing the old location")
+    locations = _locations(image)
+    if not any(loc["url"] == copy_location["url"] for loc in locations):
+        raise ImageFailure(f"refusing to remove the old location: the image does not list the one in {ctx.to_store}")
+    old = _in_store(locations, ctx.from_store)
+    if not old:
+        return StepResult(f"no location left in {ctx.from_store}")
+    for index in reversed(old):  # highest index first, so the others keep their index
+        try:
+            ctx.glance.patch(row.image_id, [{"op": "remove", "path": f"/locations/{index}"}])
+        except GlanceHTTPError as e:
+            raise ImageFailure(f"Glance refused to remove the location in {ctx.from_store}: {e}", kind="refused") from e
+    after = _locations(_image(ctx, row.image_id))
+    if _in_store(after, ctx.from_store) or not _in_store(after, ctx.to_store):
+        raise ImageFailure(f"after removing the old location the image lists {[_location_store(x) for x in after]}")
+    return StepResult(f"location in {ctx.from_store} removed (Glance deleted its data)")
+
+
+def protect(ctx: StepContext, row: ImageRow) -> StepResult:
+    done = []
+    for image_id in (row.image_id, row.copy_image_id or ""):
+        image = _image(ctx, image_id)
+        if not image.get("protected"):
+            ctx.glance.patch(image_id, [{"op": "replace", "path": "/protected", "value": True}])
+            done.append(image_id)
+    return StepResult(
+        f"protected {', '.join(done) or 'already'} (the image and its copy {row.copy_image_id} share data)"
+    )
+
+
+def clean(ctx: StepContext, row: ImageRow) -> StepResult:
+    removed = ctx.require_spool().remove(row.image_id)
+    return StepResult("spool file removed" if removed else "no spool file left")
+
+
+def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
+    image = _image(ctx, row.image_id)
+    check_unchanged(row, image, "final check")
+    stores = image_stores(image)
+    if stores != {ctx.to_store}:
+        raise ImageFailure(f"final check: expected stores {{{ctx.to_store}}}, found {sorted(stores)}")
+    hasher = DataHasher(row.os_hash_algo)
+    with ctx.glance.download(row.image_id) as chunks:
+        for chunk in chunks:
+            hasher.update(chunk)
+    hasher.check(row, f"final download from {ctx.to_store}")
+    return StepResult(f"served from {ctx.to_store}, {hasher.size} bytes, hashes match", {"after_stores": ctx.to_store})
+
+
+STEPS: dict[State, Step] = {
+    State.DOWNLOADED: download,
+    State.CREATED: create_copy,
+    State.LOCATION_SET: set_location,
+    State.LOCATION_DELETED: delete_old_location,
+    State.PROTECTED: protect,
+    State.CLEANED: clean,
+    State.DONE: confirm,
+}
