@@ -14,7 +14,7 @@ from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.runner import Runner, graceful_interrupts
 from glance_migrator.spool import Spool, default_spool_dir
-from glance_migrator.state import PATHS, State, Strategy
+from glance_migrator.state import PATHS, RETRYABLE, State, Strategy
 from glance_migrator.statedb import StateDB
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class RunReport:
 
     @property
     def problems(self) -> list[ImageRow]:
-        return [row for row in self.images if row.state in (State.FAILED, State.SKIPPED)]
+        return [row for row in self.images if row.state in (*RETRYABLE, State.SKIPPED)]
 
 
 def run_migration(
@@ -121,15 +121,15 @@ def retry(
     ids = parse_image_ids(image_ids)
     run = db.get_run(run_id)
     if all_failed:
-        ids = [row.image_id for row in db.images(run.id, [State.FAILED])]
+        ids = [row.image_id for row in db.images(run.id, sorted(RETRYABLE))]
         if not ids:
-            raise UsageError(f"run {run.id} has no failed image")
+            raise UsageError(f"run {run.id} has no failed or blocked image")
     for image_id in ids:  # check all before changing any
         row = db.image(run.id, image_id)
         if row is None:
             raise UsageError(f"image {image_id} is not part of run {run.id}")
-        if row.state != State.FAILED:
-            raise UsageError(f"image {image_id} is {row.state}, not failed; only failed images can be retried")
+        if row.state not in RETRYABLE:
+            raise UsageError(f"image {image_id} is {row.state}; only failed or blocked images can be retried")
     for image_id in ids:
         row = db.requeue_failed(run.id, image_id)
         log.info("%s (%s): re-queued at %s", image_id, row.name or "unnamed", row.state)
@@ -163,7 +163,7 @@ def status_document(rep: RunReport) -> dict[str, Any]:
         },
         "counts": {
             str(state): rep.counts.get(str(state), 0)
-            for state in (*PATHS[Strategy(run.strategy)], State.FAILED, State.SKIPPED)
+            for state in (*PATHS[Strategy(run.strategy)], State.FAILED, State.BLOCKED, State.SKIPPED)
         },
         "total": len(rep.images),
         "images": [

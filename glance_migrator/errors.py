@@ -85,5 +85,15 @@ class IntegrityFailure(ImageFailure):
         super().__init__(message, kind="integrity")
 
 
+class ImageBlocked(ImageFailure):
+    """Glance refuses, for now, to let go of the old copy (e.g. RBD snapshots with clone children).
+
+    Both copies stay consistent; `retry` finishes the image once the operator has dealt with the cause.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="blocked")
+
+
 class ImageSkipped(Exception):
     """The image is not migrated (not active, not in the source store...), with the reason why."""

@@ -273,9 +273,9 @@ class Glance:
         finally:
             response.close()
 
-    def patch(self, image_id: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+    def patch(self, image_id: str, ops: list[dict[str, Any]], retry: bool = True) -> dict[str, Any]:
         headers = {"Content-Type": "application/openstack-images-v2.1-json-patch"}
-        return dict(self._call("PATCH", f"/images/{image_id}", json=ops, headers=headers).json())
+        return dict(self._call("PATCH", f"/images/{image_id}", retry=retry, json=ops, headers=headers).json())
 
     def delete_image(self, image_id: str) -> None:
         self._call("DELETE", f"/images/{image_id}", ok=(204,))

@@ -10,16 +10,12 @@ from rich.table import Table
 
 from glance_migrator.commands import RunReport, status_document
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
-from glance_migrator.state import PATHS, State, Strategy
+from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 
 
 def exit_code(rep: RunReport) -> int:
     if not rep.complete:
-        return (
-            EXIT_INTERRUPTED
-            if any(r.state not in (State.DONE, State.FAILED, State.SKIPPED) for r in rep.images)
-            else EXIT_OK
-        )
+        return EXIT_INTERRUPTED if any(r.state not in TERMINAL for r in rep.images) else EXIT_OK
     return EXIT_PARTIAL if rep.problems else EXIT_OK
 
 
@@ -37,7 +33,7 @@ def print_status(rep: RunReport) -> None:
     )
     table = Table("state", "images", box=None, pad_edge=False)
     path = PATHS[Strategy(run.strategy)]
-    for st in (*path, State.FAILED, State.SKIPPED):
+    for st in (*path, State.FAILED, State.BLOCKED, State.SKIPPED):
         table.add_row(str(st), str(rep.counts.get(str(st), 0)))
     console.print(table)
     if rep.problems:  # plain lines, never wrapped or cut: operators grep and copy these ids

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from glance_migrator.errors import Aborted, ImageFailure, ImageSkipped, InternalError, MigratorError
+from glance_migrator.errors import Aborted, ImageBlocked, ImageFailure, ImageSkipped, InternalError, MigratorError
 from glance_migrator.glance import Glance, GlanceHTTPError
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.spool import Spool
@@ -134,8 +134,9 @@ class Runner:
                 return
             except (ImageFailure, GlanceHTTPError) as e:  # this image cannot go on; the others can
                 kind = e.kind if isinstance(e, ImageFailure) else "glance"
-                self._record(row, State.FAILED, str(e), error=str(e), error_kind=kind)
-                log.error("%s: failed at %s: %s", label, row.state, e)
+                outcome = State.BLOCKED if isinstance(e, ImageBlocked) else State.FAILED
+                self._record(row, outcome, str(e), error=str(e), error_kind=kind)
+                log.error("%s: %s at %s: %s", label, outcome, row.state, e)
                 return
             row = self._record(row, target, result.message, **result.fields)
             log.info("%s: %s: %s", label, target, result.message)

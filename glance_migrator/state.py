@@ -38,6 +38,7 @@ class State(StrEnum):
     CLEANED = "cleaned"  # the spool file is gone
     DONE = "done"
     FAILED = "failed"
+    BLOCKED = "blocked"  # Glance will not let go of the old copy yet (e.g. RBD clone children); nothing lost
     SKIPPED = "skipped"
 
 
@@ -62,7 +63,11 @@ RETRY_FROM: Final[Mapping[tuple[Strategy, State], State]] = {
     (Strategy.COPY_IMAGE, State.COPY_REQUESTED): State.PENDING,
 }
 
-TERMINAL: Final = frozenset({State.DONE, State.FAILED, State.SKIPPED})
+# Where an image can be blocked: only at the step that removes the old copy.
+BLOCKED_AT: Final = frozenset({(Strategy.COPY_IMAGE, State.COPIED), (Strategy.LOCATION_SWAP, State.LOCATION_SET)})
+
+TERMINAL: Final = frozenset({State.DONE, State.FAILED, State.BLOCKED, State.SKIPPED})
+RETRYABLE: Final = frozenset({State.FAILED, State.BLOCKED})  # what `retry` puts back on the path
 
 
 def next_state(strategy: Strategy, state: State) -> State | None:
@@ -85,8 +90,9 @@ def check_transition(strategy: Strategy, current: State, target: State, failed_a
     allowed = (
         (current in path and target == next_state(strategy, current))
         or (current not in TERMINAL and target == State.FAILED)
+        or (target == State.BLOCKED and (strategy, current) in BLOCKED_AT)
         or (current == State.PENDING and target in (State.SKIPPED, State.DONE))
-        or (current == State.FAILED and failed_at is not None and target == retry_state(strategy, failed_at))
+        or (current in RETRYABLE and failed_at is not None and target == retry_state(strategy, failed_at))
     )
     if not allowed:
         raise IllegalTransition(f"illegal transition {current} -> {target} for strategy {strategy}")
@@ -99,6 +105,8 @@ def transitions(strategy: Strategy) -> list[tuple[State, State]]:
     edges += [(State.PENDING, State.SKIPPED), (State.PENDING, State.DONE)]
     edges += [(s, State.FAILED) for s in path if s not in TERMINAL]
     edges += sorted({(State.FAILED, retry_state(strategy, s)) for s in path if s not in TERMINAL})
+    blocked_at = [s for s in path if (strategy, s) in BLOCKED_AT]
+    edges += [(s, State.BLOCKED) for s in blocked_at] + [(State.BLOCKED, s) for s in blocked_at]
     return edges
 
 
@@ -106,7 +114,7 @@ def mermaid(strategy: Strategy) -> str:
     """The state diagram of `strategy` as a Mermaid block; README.md embeds it and a test checks it."""
     lines = ["```mermaid", "stateDiagram-v2", f"    [*] --> {_node(State.PENDING)}"]
     for a, b in transitions(strategy):
-        label = " : retry" if a == State.FAILED else ""
+        label = " : retry" if a in RETRYABLE else ""
         lines.append(f"    {_node(a)} --> {_node(b)}{label}")
     lines += [f"    {_node(State.DONE)} --> [*]", "```"]
     return "\n".join(lines)

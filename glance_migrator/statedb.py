@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from glance_migrator.errors import BusyError, StateDBError, UsageError
 from glance_migrator.models import Event, ImageRow, Run, utcnow
-from glance_migrator.state import TERMINAL, State, Strategy, check_transition, retry_state
+from glance_migrator.state import RETRYABLE, TERMINAL, State, Strategy, check_transition, retry_state
 
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 30_000
@@ -304,9 +304,9 @@ class StateDB:
             for key, value in fields.items():
                 setattr(row, key, value)
             row.state = str(target)
-            if target == State.FAILED:
+            if target in RETRYABLE:
                 row.failed_at = str(current)
-            elif current == State.FAILED:
+            elif current in RETRYABLE:
                 row.failed_at = row.error = row.error_kind = None
             if target in TERMINAL:
                 row.finished_at = utcnow()
@@ -326,8 +326,8 @@ class StateDB:
         row = self.image(run_id, image_id)
         if row is None:
             raise UsageError(f"image {image_id} is not part of run {run_id}")
-        if row.state != State.FAILED:
-            raise UsageError(f"image {image_id} is {row.state}, not failed; only failed images can be retried")
+        if row.state not in RETRYABLE:
+            raise UsageError(f"image {image_id} is {row.state}; only failed or blocked images can be retried")
         failed_at = State(row.failed_at or State.PENDING)
         target = retry_state(Strategy(row.strategy), failed_at)
         row = self.transition(run_id, image_id, target, message=f"retry requested (failed at {failed_at})")

@@ -211,6 +211,7 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
         "old-removed",
         "done",
         "failed",
+        "blocked",
         "skipped",
     }
     (image,) = doc["images"]
@@ -230,6 +231,6 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
     }
     assert image["id"] == seeded.id and image["state"] == "done" and image["stores_after"] == "new"
     proc = cli("retry", seeded.id, "--db", db, env=env, check_rc=EXIT_USAGE)
-    assert "not failed" in proc.stderr
+    assert "only failed or blocked images can be retried" in proc.stderr
     proc = cli("retry", "00000000-0000-4000-8000-000000000000", "--db", db, env=env, check_rc=EXIT_USAGE)
     assert "not part of run" in proc.stderr

@@ -97,7 +97,7 @@ def test_failure_and_retry_return_to_the_failed_step(db: StateDB) -> None:
 def test_requeue_refuses_an_image_that_did_not_fail(db: StateDB) -> None:
     image_id = "33333333-3333-3333-3333-333333333333"
     run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(image_id)])
-    with pytest.raises(UsageError, match="not failed"):
+    with pytest.raises(UsageError, match="only failed or blocked"):
         db.requeue_failed(run.id, image_id)
 
 
@@ -129,9 +129,11 @@ def test_transition_table_lists_each_edge_once() -> None:
     edges = transitions(Strategy.COPY_IMAGE)
     assert len(edges) == len(set(edges))
     for a, b in edges:
-        if a != State.FAILED:
-            check_transition(Strategy.COPY_IMAGE, a, b)
+        check_transition(Strategy.COPY_IMAGE, a, b, failed_at=b if a in (State.FAILED, State.BLOCKED) else None)
     check_transition(Strategy.COPY_IMAGE, State.FAILED, State.PENDING, failed_at=State.COPY_REQUESTED)
+    check_transition(Strategy.COPY_IMAGE, State.COPIED, State.BLOCKED)  # only the step that removes the old copy
+    with pytest.raises(IllegalTransition):
+        check_transition(Strategy.COPY_IMAGE, State.COPY_REQUESTED, State.BLOCKED)
     check_transition(Strategy.COPY_IMAGE, State.FAILED, State.COPIED, failed_at=State.COPIED)
     with pytest.raises(IllegalTransition):  # a failed wait for the copy restarts the copy, not the wait
         check_transition(Strategy.COPY_IMAGE, State.FAILED, State.COPY_REQUESTED, failed_at=State.COPY_REQUESTED)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from glance_migrator.errors import ImageFailure
+from glance_migrator.errors import ImageBlocked, ImageFailure
 from glance_migrator.glance import (
     GlanceHTTPError,
     failed_import_stores,
@@ -177,6 +177,12 @@ def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
     except GlanceHTTPError as e:
         if ctx.from_store not in image_stores(_current(ctx, row)):
             return StepResult(f"already gone from store {ctx.from_store}")  # our earlier delete landed
+        if e.status == 409:  # e.g. an RBD snapshot with clone children (instances, volumes) in the old store
+            raise ImageBlocked(
+                f"Glance will not delete the copy in {ctx.from_store} yet: {e}. Both copies are intact. "
+                "If the old store is Ceph, images cloned from this one (Nova/Cinder `rbd clone`) hold it: "
+                "flatten or remove them, then `glance-migrator retry`"
+            ) from e
         raise ImageFailure(f"Glance refused to delete the copy in {ctx.from_store}: {e}", kind="refused") from e
     return StepResult(f"deleted from store {ctx.from_store}")
 

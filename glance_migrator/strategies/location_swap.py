@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from glance_migrator.errors import ImageFailure, IntegrityFailure
+from glance_migrator.errors import ImageBlocked, ImageFailure, IntegrityFailure
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, image_stores
 from glance_migrator.models import ImageRow
 from glance_migrator.state import State
@@ -169,14 +169,31 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
     if not old:
         return StepResult(f"no location left in {ctx.from_store}")
     for index in reversed(old):  # highest index first, so the others keep their index
-        try:
-            ctx.glance.patch(row.image_id, [{"op": "remove", "path": f"/locations/{index}"}])
-        except GlanceHTTPError as e:
-            raise ImageFailure(f"Glance refused to remove the location in {ctx.from_store}: {e}", kind="refused") from e
+        try:  # not retried blindly: a 500 here is how Glance says an RBD clone child holds the data
+            ctx.glance.patch(row.image_id, [{"op": "remove", "path": f"/locations/{index}"}], retry=False)
+        except (GlanceHTTPError, GlanceUnavailable) as e:
+            _old_location_refused(ctx, row, e)
     after = _locations(_image(ctx, row.image_id))
     if _in_store(after, ctx.from_store) or not _in_store(after, ctx.to_store):
         raise ImageFailure(f"after removing the old location the image lists {[_location_store(x) for x in after]}")
     return StepResult(f"location in {ctx.from_store} removed (Glance deleted its data)")
+
+
+def _old_location_refused(ctx: StepContext, row: ImageRow, error: Exception) -> None:
+    """Glance did not remove the old location: was it removed after all, or is the image blocked?"""
+    still = _in_store(_locations(_image(ctx, row.image_id)), ctx.from_store)
+    if not still:
+        return  # it went through; only the answer was lost
+    http = error if isinstance(error, GlanceHTTPError) else error.__cause__
+    if not isinstance(http, GlanceHTTPError):
+        raise error  # connection trouble, not a refusal: the run stops, resumable, nothing changed
+    if http.status not in (409, 500):
+        raise ImageFailure(f"Glance refused to remove the location in {ctx.from_store}: {http}", kind="refused")
+    raise ImageBlocked(
+        f"Glance will not remove the location in {ctx.from_store} ({error}). The image still has both "
+        f"locations and its copy {row.copy_image_id} is intact. If the old store is Ceph, images cloned from "
+        "this one (Nova/Cinder `rbd clone`) hold it: flatten or remove them, then `glance-migrator retry`"
+    )
 
 
 def protect(ctx: StepContext, row: ImageRow) -> StepResult:
