@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -37,6 +38,12 @@ CloudOption = Annotated[
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Images migrated at the same time.")]
 RunIdOption = Annotated[int | None, typer.Option("--run", help="Run id (default: the latest run).")]
+
+
+class StrategyChoice(StrEnum):
+    AUTO = "auto"
+    COPY_IMAGE = Strategy.COPY_IMAGE.value
+    LOCATION_SWAP = Strategy.LOCATION_SWAP.value
 
 
 def _version(value: bool) -> None:
@@ -75,11 +82,13 @@ def run(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in the state DB.")] = False,
     strategy: Annotated[
-        Strategy,
+        StrategyChoice,
         typer.Option(
-            "--strategy", help="copy-image (Glance multi-store import) or location-swap (the original method)."
+            "--strategy",
+            help="copy-image (Glance multi-store import), location-swap (the original method), or auto: "
+            "copy-image where Glance offers it for the source store, else location-swap.",
         ),
-    ] = Strategy.COPY_IMAGE,
+    ] = StrategyChoice.AUTO,
     spool_dir: Annotated[
         Path | None,
         typer.Option("--spool-dir", help=f"location-swap: private dir for downloads. Default: {default_spool_dir()}"),
@@ -101,7 +110,7 @@ def run(
         image_ids=image or [],
         resume=resume,
         workers=workers,
-        strategy=strategy,
+        strategy=None if strategy == StrategyChoice.AUTO else Strategy(strategy.value),
         spool_dir=spool_dir,
     )
     render.print_status(rep)

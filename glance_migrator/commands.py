@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glance_migrator.discovery import discover, parse_image_ids, preflight
+from glance_migrator.discovery import choose_strategy, discover, parse_image_ids, preflight
 from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
@@ -46,10 +46,13 @@ def run_migration(
     image_ids: Sequence[str] = (),
     resume: bool = False,
     workers: int = 1,
-    strategy: Strategy = Strategy.COPY_IMAGE,
+    strategy: Strategy | None = Strategy.COPY_IMAGE,
     spool_dir: Path | None = None,
 ) -> RunReport:
-    """Start a run (discover, then migrate), or with `resume` continue the unfinished one."""
+    """Start a run (discover, then migrate), or with `resume` continue the unfinished one.
+
+    `strategy=None` lets the cloud decide (`--strategy auto`); the choice is recorded on the run.
+    """
     ids = parse_image_ids(image_ids)
     unfinished = db.unfinished_run()
     if unfinished is not None and resume:
@@ -77,6 +80,9 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
+        if strategy is None:
+            strategy, why = choose_strategy(glance, from_store)
+            log.info("strategy auto: %s, because %s", strategy, why)
         preflight(glance, from_store, to_store, strategy)
         spool = None
         if strategy == Strategy.LOCATION_SWAP:

@@ -17,6 +17,18 @@ from glance_migrator.verify import has_fingerprint
 log = logging.getLogger(__name__)
 
 
+def choose_strategy(glance: Glance, from_store: str) -> tuple[Strategy, str]:
+    """`--strategy auto`: copy-image where Glance offers it for the source store, location-swap otherwise."""
+    stores = glance.stores()
+    if stores is None:
+        return Strategy.LOCATION_SWAP, "this Glance has no multi-store (GET /v2/info/stores: 404)"
+    if from_store not in {s.id for s in stores}:
+        return Strategy.LOCATION_SWAP, f"store {from_store!r} is not configured in Glance"
+    if "copy-image" not in glance.import_methods():
+        return Strategy.LOCATION_SWAP, "copy-image is not in Glance's enabled_import_methods"
+    return Strategy.COPY_IMAGE, "Glance offers copy-image and knows both stores"
+
+
 def preflight(glance: Glance, from_store: str, to_store: str, strategy: Strategy) -> None:
     """Refuse, before anything changes, a run that cannot work on this cloud."""
     if from_store == to_store:
