@@ -93,6 +93,10 @@ def run(
         Path | None,
         typer.Option("--spool-dir", help=f"location-swap: private dir for downloads. Default: {default_spool_dir()}"),
     ] = None,
+    no_spool: Annotated[
+        bool,
+        typer.Option("--no-spool", help="location-swap: stream each image into its copy, without a spool file."),
+    ] = False,
     workers: WorkersOption = 1,
     db: DbOption = None,
     os_cloud: CloudOption = None,
@@ -112,6 +116,7 @@ def run(
         workers=workers,
         strategy=None if strategy == StrategyChoice.AUTO else Strategy(strategy.value),
         spool_dir=spool_dir,
+        no_spool=no_spool,
     )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))

@@ -48,6 +48,7 @@ def run_migration(
     workers: int = 1,
     strategy: Strategy | None = Strategy.COPY_IMAGE,
     spool_dir: Path | None = None,
+    no_spool: bool = False,
 ) -> RunReport:
     """Start a run (discover, then migrate), or with `resume` continue the unfinished one.
 
@@ -85,7 +86,7 @@ def run_migration(
             log.info("strategy auto: %s, because %s", strategy, why)
         preflight(glance, from_store, to_store, strategy)
         spool = None
-        if strategy == Strategy.LOCATION_SWAP:
+        if strategy == Strategy.LOCATION_SWAP and not no_spool:
             spool = Spool(spool_dir or default_spool_dir())
             spool.ensure()
         rows = discover(glance, ids, from_store, to_store, strategy)

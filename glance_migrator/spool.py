@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -73,3 +73,31 @@ class Spool:
         path.unlink(missing_ok=True)
         path.with_suffix(".part").unlink(missing_ok=True)
         return existed
+
+
+class HashingReader:
+    """`--no-spool`: a file-like view of a download, hashed as the upload reads it.
+
+    It has a length, so the upload carries a Content-Length and Glance can refuse a short body.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], size: int, algo: str | None) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self._size = size
+        self.hasher = DataHasher(algo)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buffer) < n:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self.hasher.update(chunk)
+            self._buffer += chunk
+        if n < 0:
+            n = len(self._buffer)
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from glance_migrator.errors import ImageFailure
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
 from glance_migrator.spool import Spool
@@ -39,12 +38,7 @@ class StepContext:
     copy_timeout: float = COPY_TIMEOUT
     lock_timeout: float = LOCK_TIMEOUT
     stuck_after: float = STUCK_AFTER
-    spool: Spool | None = None
-
-    def require_spool(self) -> Spool:
-        if self.spool is None:
-            raise ImageFailure("this strategy needs a spool directory and the run has none", kind="internal")
-        return self.spool
+    spool: Spool | None = None  # location-swap's download dir; None with --no-spool
 
     def sleep(self, seconds: float) -> None:
         """Wait, but give up at once when the operator asks to stop."""

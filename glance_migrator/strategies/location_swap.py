@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import requests
+
 from glance_migrator.errors import ImageBlocked, ImageFailure, IntegrityFailure
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, image_stores
 from glance_migrator.models import ImageRow
+from glance_migrator.spool import HashingReader
 from glance_migrator.state import State
 from glance_migrator.strategies import Step, StepContext, StepResult
 from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, hash_file
@@ -50,9 +53,11 @@ def _in_store(locations: list[dict[str, Any]], store: str) -> list[int]:
 
 
 def download(ctx: StepContext, row: ImageRow) -> StepResult:
-    spool = ctx.require_spool()
     image = _image(ctx, row.image_id)
     check_unchanged(row, image, "before download")
+    spool = ctx.spool
+    if spool is None:
+        return StepResult("no spool (--no-spool): the data streams from the image into the copy, hashed on the way")
     path = spool.path(row.image_id)
     if path.exists():
         try:
@@ -84,10 +89,10 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         urls = {loc["url"] for loc in copy.get("locations") or []}
         if not copy.get("protected") and not urls & shared_urls:
             ctx.glance.delete_image(copy["id"])
-    path = ctx.require_spool().path(row.image_id)
-    if not path.exists():
+    if ctx.spool is not None and not ctx.spool.path(row.image_id).exists():
+        path = ctx.spool.path(row.image_id)
         raise ImageFailure(f"spool file {path} is missing; `retry` downloads it again", kind="resources")
-    last_error: GlanceUnavailable | None = None
+    last_error: Exception | None = None
     for _ in range(UPLOAD_ATTEMPTS):
         copy = ctx.glance.create_image(
             {
@@ -100,9 +105,8 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             }
         )
         try:
-            with path.open("rb") as data:
-                ctx.glance.upload(copy["id"], data, path.stat().st_size, ctx.to_store)
-        except GlanceUnavailable as e:  # the connection broke mid-body: a stream cannot be resent
+            streamed = _upload(ctx, row, copy["id"])
+        except (GlanceUnavailable, requests.RequestException, OSError) as e:  # broke mid-body: cannot be resent
             last_error = e
             ctx.glance.delete_image(copy["id"])
             ctx.sleep(ctx.poll_interval)
@@ -111,6 +115,12 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             ctx.glance.delete_image(copy["id"])
             raise ImageFailure(f"Glance refused the upload of the copy to {ctx.to_store}: {e}", kind="refused") from e
         uploaded = _image(ctx, copy["id"], "the copy")
+        if streamed is not None:
+            try:
+                streamed.check(row, "the data streamed from the image")
+            except IntegrityFailure:
+                ctx.glance.delete_image(copy["id"])
+                raise
         if not _usable_copy(ctx, row, uploaded):
             ctx.glance.delete_image(copy["id"])
             raise IntegrityFailure(
@@ -122,6 +132,19 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         )
     assert last_error is not None
     raise last_error
+
+
+def _upload(ctx: StepContext, row: ImageRow, copy_id: str) -> DataHasher | None:
+    """Upload the image's data into the copy: from the spool file, or (--no-spool) straight from Glance."""
+    if ctx.spool is not None:
+        path = ctx.spool.path(row.image_id)
+        with path.open("rb") as data:
+            ctx.glance.upload(copy_id, data, path.stat().st_size, ctx.to_store)
+        return None
+    with ctx.glance.download(row.image_id) as chunks:
+        reader = HashingReader(chunks, row.size or 0, row.os_hash_algo)
+        ctx.glance.upload(copy_id, reader, row.size or 0, ctx.to_store)
+    return reader.hasher
 
 
 def _copy(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
@@ -203,13 +226,13 @@ def protect(ctx: StepContext, row: ImageRow) -> StepResult:
         if not image.get("protected"):
             ctx.glance.patch(image_id, [{"op": "replace", "path": "/protected", "value": True}])
             done.append(image_id)
-    return StepResult(
-        f"protected {', '.join(done) or 'already'} (the image and its copy {row.copy_image_id} share data)"
-    )
+    return StepResult(f"protected: {', '.join(done) or 'both already'} (the image and its copy share one data object)")
 
 
 def clean(ctx: StepContext, row: ImageRow) -> StepResult:
-    removed = ctx.require_spool().remove(row.image_id)
+    if ctx.spool is None:
+        return StepResult("no spool file (--no-spool)")
+    removed = ctx.spool.remove(row.image_id)
     return StepResult("spool file removed" if removed else "no spool file left")
 
 
