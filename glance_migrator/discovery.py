@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from glance_migrator.errors import CloudError, UsageError
-from glance_migrator.glance import ADMIN_ROLES, Glance, image_stores
+from glance_migrator.glance import ADMIN_ROLES, LEGACY_SCHEMES, Glance, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.state import State, Strategy
 from glance_migrator.strategies.location_swap import COPY_OF_PROPERTY
@@ -34,12 +34,15 @@ def preflight(glance: Glance, from_store: str, to_store: str, strategy: Strategy
     if from_store == to_store:
         raise UsageError(f"--from-store and --to-store are both {from_store!r}; nothing to move")
     stores = glance.stores()
-    if stores is None:
-        raise CloudError(
-            "this Glance has no multi-store support (GET /v2/info/stores: 404); "
-            f"strategy {strategy} needs enabled_backends"
-        )
-    known = {s.id for s in stores}
+    if stores is None:  # legacy single-store Glance: stores are named by backend (location URL scheme)
+        if strategy == Strategy.COPY_IMAGE:
+            raise CloudError(
+                "this Glance has no multi-store (GET /v2/info/stores: 404), so no copy-image between stores; "
+                "use --strategy location-swap"
+            )
+        known = set(LEGACY_SCHEMES)
+    else:
+        known = {s.id for s in stores}
     for option, store in (("--from-store", from_store), ("--to-store", to_store)):
         if store not in known:
             raise UsageError(f"{option} {store!r}: Glance has no such store (stores: {', '.join(sorted(known))})")
@@ -73,6 +76,7 @@ def parse_image_ids(values: Sequence[str]) -> list[str]:
 def discover(
     glance: Glance, image_ids: Sequence[str], from_store: str, to_store: str, strategy: Strategy
 ) -> list[tuple[ImageRow, str | None]]:
+    legacy = glance.stores() is None
     """One row per image: pending, or already done / skipped, each with the reason for the event log."""
     if image_ids:
         images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]
@@ -84,7 +88,7 @@ def discover(
         if image.get(COPY_OF_PROPERTY) and not image_ids:
             copies += 1  # location-swap's second images move with their originals, never on their own
             continue
-        rows.setdefault(image["id"], classify(image, from_store, to_store, strategy))
+        rows.setdefault(image["id"], classify(image, from_store, to_store, strategy, legacy))
     if copies:
         log.info("left out %d image(s) that are glance-migrator copies (%s)", copies, COPY_OF_PROPERTY)
     return list(rows.values())
@@ -97,8 +101,10 @@ def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:
     return image
 
 
-def classify(image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy) -> tuple[ImageRow, str | None]:
-    stores = image_stores(image)
+def classify(
+    image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy, legacy: bool = False
+) -> tuple[ImageRow, str | None]:
+    stores = stores_holding(image, legacy)
     state, reason = State.PENDING, None
     if image.get(COPY_OF_PROPERTY):
         state, reason = State.SKIPPED, f"a glance-migrator copy of image {image[COPY_OF_PROPERTY]}"

@@ -106,6 +106,31 @@ def image_stores(image: dict[str, Any]) -> set[str]:
     return _csv(image.get("stores"))
 
 
+# Legacy single-store Glance (no enabled_backends) names no stores: a location's backend is its URL scheme.
+LEGACY_SCHEMES: Final = {
+    "file": ("file", "filesystem"),
+    "rbd": ("rbd",),
+    "s3": ("s3", "s3+http", "s3+https"),
+    "swift": ("swift", "swift+http", "swift+https", "swift+config"),
+    "cinder": ("cinder",),
+    "http": ("http", "https"),
+}
+
+
+def location_store(location: dict[str, Any], legacy: bool) -> str | None:
+    """The store a location is in: its `store` metadata, or on a legacy Glance the backend of its URL scheme."""
+    if not legacy:
+        return (location.get("metadata") or {}).get("store")
+    scheme = str(location.get("url", "")).partition("://")[0]
+    return next((name for name, schemes in LEGACY_SCHEMES.items() if scheme in schemes), scheme)
+
+
+def stores_holding(image: dict[str, Any], legacy: bool) -> set[str]:
+    if not legacy:
+        return image_stores(image)
+    return {store for loc in image.get("locations") or [] if (store := location_store(loc, legacy))}
+
+
 def _csv(value: Any) -> set[str]:
     return {s.strip() for s in str(value or "").split(",") if s.strip()}
 

@@ -40,6 +40,7 @@ class Runner:
         self._ctx_options = ctx_options
         self._waiting_logged = False
         self._lock = threading.Lock()
+        self.legacy = glance.stores() is None
 
     def run(self) -> None:
         """Work until every image of the run is finished, the operator stops us, or a fatal error."""
@@ -115,7 +116,13 @@ class Runner:
         steps = steps_for(strategy)
         spool = Spool(Path(self.run_row.spool_dir)) if self.run_row.spool_dir else None
         ctx = StepContext(
-            self.glance, self.run_row.from_store, self.run_row.to_store, self.stop, spool=spool, **self._ctx_options
+            self.glance,
+            self.run_row.from_store,
+            self.run_row.to_store,
+            self.stop,
+            spool=spool,
+            legacy=self.legacy,
+            **self._ctx_options,
         )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"

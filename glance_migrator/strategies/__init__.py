@@ -39,6 +39,7 @@ class StepContext:
     lock_timeout: float = LOCK_TIMEOUT
     stuck_after: float = STUCK_AFTER
     spool: Spool | None = None  # location-swap's download dir; None with --no-spool
+    legacy: bool = False  # a single-store Glance: stores are location URL schemes (glance.LEGACY_SCHEMES)
 
     def sleep(self, seconds: float) -> None:
         """Wait, but give up at once when the operator asks to stop."""

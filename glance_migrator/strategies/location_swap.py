@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import requests
 
-from glance_migrator.errors import ImageBlocked, ImageFailure, IntegrityFailure
-from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, image_stores
+from glance_migrator.errors import CloudError, ImageBlocked, ImageFailure, IntegrityFailure
+from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.spool import HashingReader
 from glance_migrator.state import State
@@ -44,12 +44,8 @@ def _locations(image: dict[str, Any]) -> list[dict[str, Any]]:
     return list(image["locations"])
 
 
-def _location_store(location: dict[str, Any]) -> str | None:
-    return (location.get("metadata") or {}).get("store")
-
-
-def _in_store(locations: list[dict[str, Any]], store: str) -> list[int]:
-    return [i for i, loc in enumerate(locations) if _location_store(loc) == store]
+def _in_store(ctx: StepContext, locations: list[dict[str, Any]], store: str) -> list[int]:
+    return [i for i, loc in enumerate(locations) if location_store(loc, ctx.legacy) == store]
 
 
 def download(ctx: StepContext, row: ImageRow) -> StepResult:
@@ -74,7 +70,7 @@ def _usable_copy(ctx: StepContext, row: ImageRow, copy: dict[str, Any]) -> bool:
     return (
         copy.get("status") == "active"
         and fingerprint(copy) == {k: getattr(row, k) for k in fingerprint(copy)}
-        and ctx.to_store in image_stores(copy)
+        and ctx.to_store in stores_holding(copy, ctx.legacy)
     )
 
 
@@ -115,6 +111,13 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             ctx.glance.delete_image(copy["id"])
             raise ImageFailure(f"Glance refused the upload of the copy to {ctx.to_store}: {e}", kind="refused") from e
         uploaded = _image(ctx, copy["id"], "the copy")
+        if ctx.legacy and ctx.to_store not in stores_holding(uploaded, legacy=True):
+            ctx.glance.delete_image(copy["id"])  # the upload went to Glance's default_store, not the target
+            raise CloudError(
+                f"this single-store Glance wrote the copy to {sorted(stores_holding(uploaded, legacy=True))}, "
+                f"not {ctx.to_store}: set [glance_store] default_store to the {ctx.to_store} backend, keep "
+                f"{ctx.from_store} in `stores`, restart glance-api, then `run --resume`"
+            )
         if streamed is not None:
             try:
                 streamed.check(row, "the data streamed from the image")
@@ -139,11 +142,11 @@ def _upload(ctx: StepContext, row: ImageRow, copy_id: str) -> DataHasher | None:
     if ctx.spool is not None:
         path = ctx.spool.path(row.image_id)
         with path.open("rb") as data:
-            ctx.glance.upload(copy_id, data, path.stat().st_size, ctx.to_store)
+            ctx.glance.upload(copy_id, data, path.stat().st_size, None if ctx.legacy else ctx.to_store)
         return None
     with ctx.glance.download(row.image_id) as chunks:
         reader = HashingReader(chunks, row.size or 0, row.os_hash_algo)
-        ctx.glance.upload(copy_id, reader, row.size or 0, ctx.to_store)
+        ctx.glance.upload(copy_id, reader, row.size or 0, None if ctx.legacy else ctx.to_store)
     return reader.hasher
 
 
@@ -158,7 +161,7 @@ def _copy(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
 
 def _copy_location(ctx: StepContext, copy: dict[str, Any]) -> dict[str, Any]:
     locations = _locations(copy)
-    found = _in_store(locations, ctx.to_store)
+    found = _in_store(ctx, locations, ctx.to_store)
     if not found:
         raise ImageFailure(f"the copy {copy['id']} has no location in {ctx.to_store}")
     return locations[found[0]]
@@ -170,7 +173,7 @@ def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
     check_unchanged(row, image, "before adding the new location")
     if any(loc["url"] == copy_location["url"] for loc in _locations(image)):
         return StepResult(f"already lists the location in {ctx.to_store}")
-    value = {"url": copy_location["url"], "metadata": {"store": ctx.to_store}}
+    value = {"url": copy_location["url"], "metadata": {} if ctx.legacy else {"store": ctx.to_store}}
     try:
         ctx.glance.patch(row.image_id, [{"op": "add", "path": "/locations/-", "value": value}])
     except GlanceHTTPError as e:
@@ -188,7 +191,7 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
     locations = _locations(image)
     if not any(loc["url"] == copy_location["url"] for loc in locations):
         raise ImageFailure(f"refusing to remove the old location: the image does not list the one in {ctx.to_store}")
-    old = _in_store(locations, ctx.from_store)
+    old = _in_store(ctx, locations, ctx.from_store)
     if not old:
         return StepResult(f"no location left in {ctx.from_store}")
     for index in reversed(old):  # highest index first, so the others keep their index
@@ -197,14 +200,15 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
         except (GlanceHTTPError, GlanceUnavailable) as e:
             _old_location_refused(ctx, row, e)
     after = _locations(_image(ctx, row.image_id))
-    if _in_store(after, ctx.from_store) or not _in_store(after, ctx.to_store):
-        raise ImageFailure(f"after removing the old location the image lists {[_location_store(x) for x in after]}")
+    if _in_store(ctx, after, ctx.from_store) or not _in_store(ctx, after, ctx.to_store):
+        stores = [location_store(x, ctx.legacy) for x in after]
+        raise ImageFailure(f"after removing the old location the image lists locations in {stores}")
     return StepResult(f"location in {ctx.from_store} removed (Glance deleted its data)")
 
 
 def _old_location_refused(ctx: StepContext, row: ImageRow, error: Exception) -> None:
     """Glance did not remove the old location: was it removed after all, or is the image blocked?"""
-    still = _in_store(_locations(_image(ctx, row.image_id)), ctx.from_store)
+    still = _in_store(ctx, _locations(_image(ctx, row.image_id)), ctx.from_store)
     if not still:
         return  # it went through; only the answer was lost
     http = error if isinstance(error, GlanceHTTPError) else error.__cause__
@@ -239,7 +243,7 @@ def clean(ctx: StepContext, row: ImageRow) -> StepResult:
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
     image = _image(ctx, row.image_id)
     check_unchanged(row, image, "final check")
-    stores = image_stores(image)
+    stores = stores_holding(image, ctx.legacy)
     if stores != {ctx.to_store}:
         raise ImageFailure(f"final check: expected stores {{{ctx.to_store}}}, found {sorted(stores)}")
     hasher = DataHasher(row.os_hash_algo)
