@@ -231,8 +231,15 @@ class Glance:
         A plain list leaves out community images of other projects and every os_hidden image, which
         is how images get forgotten in a migration; so list visibility=all, once per os_hidden value.
         """
-        for hidden in ("false", "true"):
-            path: str | None = f"/images?visibility=all&os_hidden={hidden}&limit={limit or PAGE_SIZE}"
+        return self._list_all("", limit)
+
+    def find_copies(self, key: str, value: str) -> list[dict[str, Any]]:
+        """Images (hidden ones included) whose property `key` is `value`: our own migration copies."""
+        return list(self._list_all(f"&{key}={value}"))
+
+    def _list_all(self, filters: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        for hidden in ("false", "true"):  # os_hidden is always an equality filter: there is no "both"
+            path: str | None = f"/images?visibility=all&os_hidden={hidden}{filters}&limit={limit or PAGE_SIZE}"
             while path:
                 body = self._call("GET", path).json()
                 yield from body.get("images", [])
@@ -270,14 +277,6 @@ class Glance:
             ok=(202,),
             json={"method": {"name": "copy-image"}, "stores": [store], "all_stores_must_succeed": True},
         )
-
-    def find_copies(self, key: str, value: str) -> list[dict[str, Any]]:
-        """Images (hidden ones included) whose property `key` is `value`: our own migration copies."""
-        found: list[dict[str, Any]] = []
-        for hidden in ("true", "false"):
-            body = self._call("GET", f"/images?visibility=all&os_hidden={hidden}&{key}={value}&limit=1000").json()
-            found += body.get("images", [])
-        return found
 
     def create_image(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/images", ok=(201,), json=body).json())

@@ -1,7 +1,12 @@
-"""Shared fixtures: one real Keystone + Glance lab per test session (see tests/lab/__init__.py).
+"""Shared fixtures: real Keystone + Glance labs, one of each kind per test session (see tests/lab/__init__.py).
 
-The lab's logs live under pytest's basetemp; their path is attached to each failure report. When a
-test failed or GLANCE_MIGRATOR_LAB_KEEP_LOGS is set, they are copied to $TMPDIR/glance-migrator-lab-logs-*
+- `lab`: stores old (default) and new, both file stores; ~5 s to start.
+- `full_lab`: a second lab with stores old, new, s3 (SeaweedFS) and ceph (rbd on a single-node Ceph);
+  started only when a test asks for it (~7 s). Without the Ceph packages it FAILS, naming the apt-get
+  command: CI must not silently skip these tests.
+
+A lab's logs live under pytest's basetemp; their path is attached to each failure report. When a test
+failed or GLANCE_MIGRATOR_LAB_KEEP_LOGS is set, they are copied to $TMPDIR/glance-migrator-lab-logs-*
 at the end of the session and that path is printed (with -v, the path and start times always are).
 """
 
@@ -17,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab
+from tests.lab import CEPH_APT_COMMAND, FULL_STORES, Lab, missing_ceph_packages
 
-_LAB = pytest.StashKey[Lab]()
+_LABS = pytest.StashKey[dict[str, Lab]]()  # fixture name -> its lab, for the failure reports
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +32,28 @@ def lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
     """A running lab: Keystone + Glance on free loopback ports, stores 'old' (default) and 'new'."""
     _sigterm_as_keyboard_interrupt()
     the_lab = Lab(tmp_path_factory.mktemp("glance-lab"))
-    pytestconfig.stash[_LAB] = the_lab
+    pytestconfig.stash.setdefault(_LABS, {})["lab"] = the_lab
+    the_lab.start()
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
+@pytest.fixture(scope="session")
+def full_lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
+    """A running lab with four stores: 'old' (file, default), 'new' (file), 's3' (a real S3 object store,
+    SeaweedFS) and 'ceph' (rbd on a real single-node Ceph); lab.rbd(...), lab.s3_objects() etc. reach them."""
+    missing = missing_ceph_packages()
+    if missing:  # fail, never skip: a CI without Ceph must not pass these tests silently
+        pytest.fail(
+            f"full_lab needs the Debian packages {', '.join(missing)} for its Ceph store; install them as root:\n"
+            f"    apt-get update && {CEPH_APT_COMMAND}\n(.ci/run does this)",
+            pytrace=False,
+        )
+    _sigterm_as_keyboard_interrupt()
+    the_lab = Lab(tmp_path_factory.mktemp("full-glance-lab"), stores=FULL_STORES)
+    pytestconfig.stash.setdefault(_LABS, {})["full_lab"] = the_lab
     the_lab.start()
     try:
         yield the_lab
@@ -57,32 +83,45 @@ def admin_conn(lab: Lab):
         conn.close()
 
 
+@pytest.fixture(scope="session")
+def full_admin_conn(full_lab: Lab):
+    """openstack.connection.Connection to full_lab as lab-admin."""
+    conn = full_lab.connect("lab-admin")
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    the_lab = item.config.stash.get(_LAB, None)
-    if report.failed and the_lab is not None:
-        report.sections.append(("glance lab", f"logs: {the_lab.logs_dir}"))
+    labs = item.config.stash.get(_LABS, {})
+    if report.failed and labs:
+        lines = [f"{name}: logs {the_lab.logs_dir}" for name, the_lab in labs.items()]
+        report.sections.append(("glance lab", "\n".join(lines)))
     return report
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """After a failure (or with GLANCE_MIGRATOR_LAB_KEEP_LOGS set): copy the lab's logs out of pytest's
     basetemp (which keeps only the last 3 runs, whoever made them) and print where they are."""
-    the_lab = config.stash.get(_LAB, None)
-    if the_lab is None:
+    labs = config.stash.get(_LABS, {})
+    if not labs:
         return
     failed = terminalreporter.stats.get("failed") or terminalreporter.stats.get("error")
     keep = failed or os.environ.get("GLANCE_MIGRATOR_LAB_KEEP_LOGS")
     if not (keep or config.option.verbose > 0):
         return
     terminalreporter.write_sep("-", "glance lab")
-    logs = the_lab.logs_dir
-    if keep and logs.is_dir():
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        kept = Path(tempfile.gettempdir()) / f"glance-migrator-lab-logs-{stamp}-{os.getpid()}"
-        shutil.copytree(logs, kept)
-        logs = kept
-    timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in the_lab.timings.items())
-    terminalreporter.write_line(f"logs: {logs}")
-    terminalreporter.write_line(f"start times: {timings or 'not started'}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name, the_lab in labs.items():
+        logs = the_lab.logs_dir
+        if keep and logs.is_dir():
+            kept = Path(tempfile.gettempdir()) / f"glance-migrator-lab-logs-{stamp}-{os.getpid()}-{name}"
+            shutil.copytree(logs, kept)
+            logs = kept
+        timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in the_lab.timings.items())
+        prefix = f"{name}: " if len(labs) > 1 else ""
+        terminalreporter.write_line(f"{prefix}logs: {logs}")
+        terminalreporter.write_line(f"{prefix}start times: {timings or 'not started'}")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from glance_migrator.errors import ImageFailure
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
 from glance_migrator.spool import Spool
@@ -54,6 +55,14 @@ class StepResult:
 
 
 Step = Callable[[StepContext, ImageRow], StepResult]
+
+
+def current_image(ctx: StepContext, image_id: str, what: str = "the image") -> dict[str, Any]:
+    """The image as Glance shows it now; an image deleted under us fails the step (kind "gone")."""
+    image = ctx.glance.get_image(image_id)
+    if image is None:
+        raise ImageFailure(f"{what} {image_id} no longer exists in Glance (deleted by someone else?)", kind="gone")
+    return image
 
 
 def steps_for(strategy: Strategy) -> Mapping[State, Step]:

@@ -27,7 +27,7 @@ from glance_migrator.glance import (
 )
 from glance_migrator.models import ImageRow
 from glance_migrator.state import State
-from glance_migrator.strategies import Step, StepContext, StepResult
+from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import check_unchanged
 
 MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running nor failed) is asked again
@@ -35,10 +35,7 @@ LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks
 
 
 def _current(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
-    image = ctx.glance.get_image(row.image_id)
-    if image is None:
-        raise ImageFailure("the image no longer exists in Glance (deleted by someone else?)", kind="gone")
-    return image
+    return current_image(ctx, row.image_id)
 
 
 def _lock_holder(image: dict[str, Any]) -> str | None:

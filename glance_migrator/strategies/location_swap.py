@@ -20,18 +20,11 @@ from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_
 from glance_migrator.models import ImageRow
 from glance_migrator.spool import HashingReader
 from glance_migrator.state import State
-from glance_migrator.strategies import Step, StepContext, StepResult
+from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, hash_file
 
 COPY_OF_PROPERTY: Final = "glance_migrator_copy_of"
 UPLOAD_ATTEMPTS: Final = 3
-
-
-def _image(ctx: StepContext, image_id: str, what: str = "the image") -> dict[str, Any]:
-    image = ctx.glance.get_image(image_id)
-    if image is None:
-        raise ImageFailure(f"{what} {image_id} no longer exists in Glance", kind="gone")
-    return image
 
 
 def _locations(image: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,7 +42,7 @@ def _in_store(ctx: StepContext, locations: list[dict[str, Any]], store: str) -> 
 
 
 def download(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = _image(ctx, row.image_id)
+    image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "before download")
     spool = ctx.spool
     if spool is None:
@@ -75,7 +68,7 @@ def _usable_copy(ctx: StepContext, row: ImageRow, copy: dict[str, Any]) -> bool:
 
 
 def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
-    source = _image(ctx, row.image_id)
+    source = current_image(ctx, row.image_id)
     shared_urls = {loc["url"] for loc in _locations(source)}
     copies = ctx.glance.find_copies(COPY_OF_PROPERTY, row.image_id)
     for copy in copies:
@@ -110,7 +103,7 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         except GlanceHTTPError as e:
             ctx.glance.delete_image(copy["id"])
             raise ImageFailure(f"Glance refused the upload of the copy to {ctx.to_store}: {e}", kind="refused") from e
-        uploaded = _image(ctx, copy["id"], "the copy")
+        uploaded = current_image(ctx, copy["id"], "the copy")
         if ctx.legacy and ctx.to_store not in stores_holding(uploaded, legacy=True):
             ctx.glance.delete_image(copy["id"])  # the upload went to Glance's default_store, not the target
             raise CloudError(
@@ -153,7 +146,7 @@ def _upload(ctx: StepContext, row: ImageRow, copy_id: str) -> DataHasher | None:
 def _copy(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
     if not row.copy_image_id:
         raise ImageFailure("no copy recorded for this image", kind="internal")
-    copy = _image(ctx, row.copy_image_id, "the copy")
+    copy = current_image(ctx, row.copy_image_id, "the copy")
     if not _usable_copy(ctx, row, copy):
         raise IntegrityFailure(f"the copy {row.copy_image_id} no longer matches the image or left {ctx.to_store}")
     return copy
@@ -169,7 +162,7 @@ def _copy_location(ctx: StepContext, copy: dict[str, Any]) -> dict[str, Any]:
 
 def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
     copy_location = _copy_location(ctx, _copy(ctx, row))
-    image = _image(ctx, row.image_id)
+    image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "before adding the new location")
     if any(loc["url"] == copy_location["url"] for loc in _locations(image)):
         return StepResult(f"already lists the location in {ctx.to_store}")
@@ -178,7 +171,7 @@ def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
         ctx.glance.patch(row.image_id, [{"op": "add", "path": "/locations/-", "value": value}])
     except GlanceHTTPError as e:
         raise ImageFailure(f"Glance refused to add the location in {ctx.to_store}: {e}", kind="refused") from e
-    after = _image(ctx, row.image_id)
+    after = current_image(ctx, row.image_id)
     if not any(loc["url"] == copy_location["url"] for loc in _locations(after)):
         raise ImageFailure("Glance accepted the new location but does not list it")
     return StepResult(f"location in {ctx.to_store} added beside the old one")
@@ -186,7 +179,7 @@ def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
 
 def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
     copy_location = _copy_location(ctx, _copy(ctx, row))  # B intact, hashes as recorded
-    image = _image(ctx, row.image_id)
+    image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "before removing the old location")
     locations = _locations(image)
     if not any(loc["url"] == copy_location["url"] for loc in locations):
@@ -199,7 +192,7 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
             ctx.glance.patch(row.image_id, [{"op": "remove", "path": f"/locations/{index}"}], retry=False)
         except (GlanceHTTPError, GlanceUnavailable) as e:
             _old_location_refused(ctx, row, e)
-    after = _locations(_image(ctx, row.image_id))
+    after = _locations(current_image(ctx, row.image_id))
     if _in_store(ctx, after, ctx.from_store) or not _in_store(ctx, after, ctx.to_store):
         stores = [location_store(x, ctx.legacy) for x in after]
         raise ImageFailure(f"after removing the old location the image lists locations in {stores}")
@@ -208,7 +201,7 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
 
 def _old_location_refused(ctx: StepContext, row: ImageRow, error: Exception) -> None:
     """Glance did not remove the old location: was it removed after all, or is the image blocked?"""
-    still = _in_store(ctx, _locations(_image(ctx, row.image_id)), ctx.from_store)
+    still = _in_store(ctx, _locations(current_image(ctx, row.image_id)), ctx.from_store)
     if not still:
         return  # it went through; only the answer was lost
     http = error if isinstance(error, GlanceHTTPError) else error.__cause__
@@ -226,7 +219,7 @@ def _old_location_refused(ctx: StepContext, row: ImageRow, error: Exception) -> 
 def protect(ctx: StepContext, row: ImageRow) -> StepResult:
     done = []
     for image_id in (row.image_id, row.copy_image_id or ""):
-        image = _image(ctx, image_id)
+        image = current_image(ctx, image_id)
         if not image.get("protected"):
             ctx.glance.patch(image_id, [{"op": "replace", "path": "/protected", "value": True}])
             done.append(image_id)
@@ -241,7 +234,7 @@ def clean(ctx: StepContext, row: ImageRow) -> StepResult:
 
 
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = _image(ctx, row.image_id)
+    image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "final check")
     stores = stores_holding(image, ctx.legacy)
     if stores != {ctx.to_store}:

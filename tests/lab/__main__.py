@@ -4,6 +4,8 @@
     openstack image list                  # or the migrator, with OS_CLIENT_CONFIG_FILE / OS_CLOUD set
     python -m tests.lab down
 
+    python -m tests.lab up --stores old,new,s3,ceph   # also SeaweedFS (store s3) and Ceph (store ceph, rbd)
+
 `up` on a directory whose lab is running does nothing but print the same lines. A directory with a
 dead or half-running lab is stopped and started afresh (its lab files are recreated; nothing else in
 the directory is touched).
@@ -15,7 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import Lab, LabError, describe
+from . import FULL_STORES, Lab, LabError, describe
+
+KNOWN_STORES = {store.name: store for store in FULL_STORES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,28 +31,40 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(".glance-lab"),
         help="lab directory (default: .glance-lab in the current directory)",
     )
+    parser.add_argument(
+        "--stores",
+        default="old,new",
+        help=f"comma-separated Glance stores of {', '.join(KNOWN_STORES)}; the first is the default store "
+        "(default: old,new)",
+    )
     args = parser.parse_args(argv)
-    lab = Lab(args.dir)
+    names = [name for name in args.stores.split(",") if name]
+    unknown = [name for name in names if name not in KNOWN_STORES]
+    if unknown or not names:
+        parser.error(f"unknown stores {unknown}; choose from {', '.join(KNOWN_STORES)}")
+    lab = Lab(args.dir, stores=[KNOWN_STORES[name] for name in names])
     if args.command == "down":
         running = lab.running_services()
         lab.stop()
         print(f"# stopped {', '.join(running) or 'nothing (no running lab)'} in {lab.root}")
         return 0
     running = lab.running_services()
-    if running == ["keystone", "glance"]:
+    wanted = ["keystone", "glance"] + ["s3"] * ("s3" in names) + ["ceph"] * ("ceph" in names)
+    if running == wanted:
         print(f"# lab already running in {lab.root}")
     else:
         lab.stop()  # leftovers of a half-dead lab
-        print(f"# starting Keystone and Glance in {lab.root} ...", file=sys.stderr, flush=True)
+        print(f"# starting {', '.join(wanted)} in {lab.root} ...", file=sys.stderr, flush=True)
         try:
             lab.start()
         except LabError as exc:
             print(f"lab failed to start: {exc}", file=sys.stderr)
             return 1
         t = lab.timings
+        extra = "".join(f", {name} ready after {t[name]:.1f} s" for name in ("s3", "ceph") if name in t)
         print(
             f"# started in {t['ready']:.1f} s (glance answered after {t['glance']:.1f} s, keystone set up "
-            f"after {t['keystone']:.1f} s; venv check {t['venvs']:.1f} s)"
+            f"after {t['keystone']:.1f} s{extra}; venv check {t['venvs']:.1f} s)"
         )
     print(describe(lab))
     return 0
