@@ -65,6 +65,10 @@ def run_migration(
                 raise UsageError(f"{option} {given!r} differs from the unfinished run {unfinished.id}'s {recorded!r}")
         if ids:
             raise UsageError("--image cannot be combined with --resume: the run's images were chosen when it started")
+        if spool_dir is not None and str(spool_dir) != unfinished.spool_dir:
+            raise UsageError(
+                f"run {unfinished.id} keeps its downloads in {unfinished.spool_dir}; --spool-dir cannot change"
+            )
         run = unfinished
         glance = connect()
         log.info("resuming run %d: %s -> %s", run.id, run.from_store, run.to_store)

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL
+from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
 from tests.glancetools import (
     Seeded,
     assert_migrated,
     assert_swapped,
     cli,
     cli_popen,
+    copies_of,
+    download_sha512,
     event_count,
     raw_image,
     seed_image,
+    stable,
     status_json,
     stores_of,
     wait_for,
@@ -55,34 +59,23 @@ def _select(images: list[Seeded]) -> list[str]:
     return [arg for s in images for arg in ("--image", s.id)]
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(("target", "spooled"), [("s3", True), ("ceph", True), ("ceph", False)])
 def test_location_swap_moves_a_dozen_images(
-    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str, spooled: bool
 ) -> None:
-    images = _varied(conn, f"swap-{target}")
+    images = _varied(conn, f"swap-{target}-{spooled}")
     spool = tmp_path / "spool"
-    proc = cli(
-        "run",
-        "--from-store",
-        "old",
-        "--to-store",
-        target,
-        "--strategy",
-        "location-swap",
-        *_select(images),
-        "--spool-dir",
-        str(spool),
-        "--db",
-        str(tmp_path / "state.db"),
-        "--workers",
-        "2",
-        env=env,
-    )
+    mode = ["--spool-dir", str(spool)] if spooled else ["--no-spool"]
+    proc = cli("run", "--from-store", "old", "--to-store", target, "--strategy", "location-swap", *_select(images),
+               *mode, "--db", str(tmp_path / "state.db"), "--workers", "2", env=env)  # fmt: skip
     assert proc.returncode == EXIT_OK, proc.stderr
     for seeded in images:
         assert_swapped(conn, full_lab, seeded, "old", target)
-    assert list(spool.iterdir()) == []  # no spool file left behind
-    assert oct(spool.stat().st_mode & 0o777) == "0o700"
+    if spooled:
+        assert list(spool.iterdir()) == []  # no spool file left behind
+        assert oct(spool.stat().st_mode & 0o777) == "0o700"
+    else:
+        assert not spool.exists() and "no spool (--no-spool)" in proc.stderr
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -163,3 +156,90 @@ def test_copy_image_to_real_backends(
     )
     for seeded in images:
         assert_migrated(conn, full_lab, seeded, "old", target)
+
+
+def _only_in_ceph(conn: Connection, seeded: Seeded) -> None:
+    """Move a fresh image from old to ceph (as an earlier migration would have), to migrate off Ceph next."""
+    resp = conn.image.post(f"/images/{seeded.id}/import", json={"method": {"name": "copy-image"}, "stores": ["ceph"]})
+    assert resp.status_code == 202, resp.text
+
+    def copied() -> bool:
+        image = raw_image(conn, seeded.id) or {}
+        return "ceph" in stores_of(conn, seeded.id) and not image.get("os_glance_import_task")
+
+    assert wait_for(copied, timeout=120, interval=0.2)
+    assert conn.image.delete(f"/stores/old/{seeded.id}").status_code == 204
+
+
+@pytest.mark.parametrize("strategy", ["copy-image", "location-swap"])
+def test_rbd_clone_child_blocks_the_image_until_it_is_gone_then_retry_finishes(
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, strategy: str
+) -> None:
+    seeded = seed_image(conn, f"cloned-{strategy}", os.urandom(3 * MiB))
+    _only_in_ceph(conn, seeded)
+    child = f"child-{seeded.id[:8]}"
+    full_lab.rbd("clone", f"images/{seeded.id}@snap", f"images/{child}")  # as Nova and Cinder do
+    db = tmp_path / "state.db"
+    args = ["--db", str(db), "--spool-dir", str(tmp_path / "spool")]
+    proc = cli(
+        "run", "--from-store", "ceph", "--to-store", "s3", "--strategy", strategy, "--image", seeded.id, *args, env=env
+    )
+    assert proc.returncode == EXIT_PARTIAL, proc.stderr
+    (row,) = status_json(db, env)["images"]
+    assert row["state"] == "blocked" and "clone" in row["error"], row
+    assert row["failed_at"] == ("copied" if strategy == "copy-image" else "location-set")
+    image = raw_image(conn, seeded.id)
+    assert image is not None and stores_of(conn, seeded.id) == {"ceph", "s3"}  # both copies, nothing lost
+    assert download_sha512(conn, seeded.id) == seeded.sha512
+    if strategy == "location-swap":
+        (copy,) = copies_of(conn, seeded.id)
+        assert copy["protected"] is True and len(image["locations"]) == 2
+    # Not looped on: a resume has nothing to do, the image stays blocked with one blocked event.
+    assert cli("run", "--resume", *args, env=env).returncode != EXIT_OK
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM events WHERE to_state = 'blocked'").fetchone()[0] == 1
+
+    full_lab.rbd("rm", f"images/{child}")
+    proc = cli("retry", seeded.id, "--db", str(db), env=env)  # the spool dir is recorded on the run
+    assert proc.returncode == EXIT_OK, proc.stderr
+    if strategy == "location-swap":
+        assert_swapped(conn, full_lab, seeded, "ceph", "s3")
+    else:
+        assert_migrated(conn, full_lab, seeded, "ceph", "s3")
+    assert seeded.id not in full_lab.rbd("ls", "images").split()  # the Ceph copy is really gone
+
+
+def test_legacy_single_store_glance_file_to_rbd(
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Glance without enabled_backends, as the original script assumed: uploads went to default_store=file."""
+    try:
+        full_lab.reconfigure_legacy("file")
+        images = [seed_image(conn, f"legacy-{i}", os.urandom(n)) for i, n in enumerate((1, 5 * MiB, 700 * 1024))]
+        db = tmp_path / "state.db"
+        args = ["--db", str(db), "--spool-dir", str(tmp_path / "spool")]
+        # default_store is still file: the copy would land in the source backend; refused, nothing changed.
+        proc = cli("run", "--from-store", "file", "--to-store", "rbd", *_select(images), *args, env=env)
+        assert proc.returncode == EXIT_CLOUD and "default_store" in proc.stderr, proc.stderr
+        assert "strategy auto: location-swap" in proc.stderr
+        for seeded in images:
+            image = raw_image(conn, seeded.id) or {}
+            assert [loc["url"].split("://")[0] for loc in image["locations"]] == ["file"]
+            assert copies_of(conn, seeded.id) == []
+
+        full_lab.reconfigure_legacy("rbd")  # what the operator does, then resumes
+        proc = cli("run", "--resume", *args, env=env)
+        assert proc.returncode == EXIT_OK, proc.stderr
+        for seeded in images:
+            image = raw_image(conn, seeded.id) or {}
+            assert image["status"] == "active" and image["protected"] is True
+            assert [loc["url"].split("://")[0] for loc in image["locations"]] == ["rbd"]
+            assert {k: v for k, v in stable(image).items() if k != "protected"} == {
+                k: v for k, v in seeded.before.items() if k != "protected"
+            }
+            assert download_sha512(conn, seeded.id) == seeded.sha512
+            assert not (full_lab.store_dir("old") / seeded.id).exists()
+            (copy,) = copies_of(conn, seeded.id)
+            assert copy["protected"] is True and copy["os_hidden"] is True
+    finally:
+        full_lab.reconfigure_legacy(None)

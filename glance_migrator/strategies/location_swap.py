@@ -161,11 +161,14 @@ def _copy_location(ctx: StepContext, copy: dict[str, Any]) -> dict[str, Any]:
 
 
 def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
-    copy_location = _copy_location(ctx, _copy(ctx, row))
+    copy = _copy(ctx, row)
+    copy_location = _copy_location(ctx, copy)
     image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "before adding the new location")
     if any(loc["url"] == copy_location["url"] for loc in _locations(image)):
         return StepResult(f"already lists the location in {ctx.to_store}")
+    if not copy.get("protected"):  # from this patch on the image shares B's data: B must not be deletable
+        ctx.glance.patch(copy["id"], [{"op": "replace", "path": "/protected", "value": True}])
     value = {"url": copy_location["url"], "metadata": {} if ctx.legacy else {"store": ctx.to_store}}
     try:
         ctx.glance.patch(row.image_id, [{"op": "add", "path": "/locations/-", "value": value}])
