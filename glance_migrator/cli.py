@@ -123,6 +123,24 @@ def run(
 
 
 @app.command()
+def check(
+    from_store: Annotated[str | None, typer.Option("--from-store", help="Glance store the data would leave.")] = None,
+    to_store: Annotated[str | None, typer.Option("--to-store", help="Glance store the data would move to.")] = None,
+    spool_dir: Annotated[Path | None, typer.Option("--spool-dir", help="Where location-swap would spool.")] = None,
+    os_cloud: CloudOption = None,
+) -> None:
+    """Ask the cloud what it can do, and say which strategy `run` would use; changes nothing.
+
+    Exits non-zero when a run between the two stores would be refused.
+
+    Example: glance-migrator check --from-store file --to-store ceph
+    """
+    findings = commands.check_cloud(lambda: Glance.connect(os_cloud), from_store, to_store, spool_dir)
+    render.print_findings(findings)
+    raise typer.Exit(render.findings_exit_code(findings))
+
+
+@app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables.")] = False,
     run_id: RunIdOption = None,

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glance_migrator.discovery import choose_strategy, discover, parse_image_ids, preflight
+from glance_migrator.checks import CloudProfile, Finding, choose_strategy, preflight
+from glance_migrator.checks import report as cloud_report
+from glance_migrator.discovery import discover, parse_image_ids
 from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
@@ -85,15 +87,16 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
+        profile = CloudProfile.read(glance)
         if strategy is None:
-            strategy, why = choose_strategy(glance, from_store)
+            strategy, why = choose_strategy(profile, from_store)
             log.info("strategy auto: %s, because %s", strategy, why)
-        preflight(glance, from_store, to_store, strategy)
+        preflight(profile, from_store, to_store, strategy)
         spool = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
             spool = Spool(spool_dir or default_spool_dir())
             spool.ensure()
-        rows = discover(glance, ids, from_store, to_store, strategy)
+        rows = discover(glance, ids, from_store, to_store, strategy, legacy=profile.stores is None)
         run = db.create_run(from_store, to_store, strategy, glance.cloud, rows, str(spool.root) if spool else None)
         pending = sum(1 for row, _ in rows if row.state == State.PENDING)
         log.info(
@@ -109,6 +112,13 @@ def run_migration(
         runner.run()
     db.finish_run_if_complete(run.id)
     return report(db, run.id)
+
+
+def check_cloud(
+    connect: GlanceFactory, from_store: str | None, to_store: str | None, spool_dir: Path | None
+) -> list[Finding]:
+    """`check`: what the cloud offers and what a run between the two stores would do; changes nothing."""
+    return cloud_report(CloudProfile.read(connect()), from_store, to_store, spool_dir or default_spool_dir())
 
 
 def report(db: StateDB, run_id: int | None = None) -> RunReport:

@@ -1,4 +1,4 @@
-"""Before a run: check the cloud can do it, then find every image and decide what each one needs."""
+"""At the start of a run: find every image and decide what each one needs."""
 
 from __future__ import annotations
 
@@ -7,60 +7,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from glance_migrator.errors import CloudError, UsageError
-from glance_migrator.glance import ADMIN_ROLES, LEGACY_SCHEMES, Glance, stores_holding
+from glance_migrator.errors import UsageError
+from glance_migrator.glance import Glance, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.state import State, Strategy
 from glance_migrator.strategies.location_swap import COPY_OF_PROPERTY
 from glance_migrator.verify import has_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def choose_strategy(glance: Glance, from_store: str) -> tuple[Strategy, str]:
-    """`--strategy auto`: copy-image where Glance offers it for the source store, location-swap otherwise."""
-    stores = glance.stores()
-    if stores is None:
-        return Strategy.LOCATION_SWAP, "this Glance has no multi-store (GET /v2/info/stores: 404)"
-    if from_store not in {s.id for s in stores}:
-        return Strategy.LOCATION_SWAP, f"store {from_store!r} is not configured in Glance"
-    if "copy-image" not in glance.import_methods():
-        return Strategy.LOCATION_SWAP, "copy-image is not in Glance's enabled_import_methods"
-    return Strategy.COPY_IMAGE, "Glance offers copy-image and knows both stores"
-
-
-def preflight(glance: Glance, from_store: str, to_store: str, strategy: Strategy) -> None:
-    """Refuse, before anything changes, a run that cannot work on this cloud."""
-    if from_store == to_store:
-        raise UsageError(f"--from-store and --to-store are both {from_store!r}; nothing to move")
-    stores = glance.stores()
-    if stores is None:  # legacy single-store Glance: stores are named by backend (location URL scheme)
-        if strategy == Strategy.COPY_IMAGE:
-            raise CloudError(
-                "this Glance has no multi-store (GET /v2/info/stores: 404), so no copy-image between stores; "
-                "use --strategy location-swap"
-            )
-        known = set(LEGACY_SCHEMES)
-    else:
-        known = {s.id for s in stores}
-    for option, store in (("--from-store", from_store), ("--to-store", to_store)):
-        if store not in known:
-            raise UsageError(f"{option} {store!r}: Glance has no such store (stores: {', '.join(sorted(known))})")
-    if strategy == Strategy.COPY_IMAGE and "copy-image" not in glance.import_methods():
-        raise CloudError("Glance does not offer the copy-image import method (enabled_import_methods)")
-    if strategy == Strategy.LOCATION_SWAP:
-        sample = next(iter(glance.list_images(limit=1)), None)
-        if sample is not None and "locations" not in sample:
-            raise CloudError(
-                "Glance does not show image locations (show_multiple_locations = False or policy); "
-                "location-swap needs them: use --strategy copy-image"
-            )
-    roles = glance.roles()
-    if roles and not roles & ADMIN_ROLES:
-        raise CloudError(
-            f"the credentials have roles {sorted(roles)}, not admin: Glance's default policy lets only "
-            "admins copy images between stores and delete from a store"
-        )
 
 
 def parse_image_ids(values: Sequence[str]) -> list[str]:
@@ -74,9 +28,8 @@ def parse_image_ids(values: Sequence[str]) -> list[str]:
 
 
 def discover(
-    glance: Glance, image_ids: Sequence[str], from_store: str, to_store: str, strategy: Strategy
+    glance: Glance, image_ids: Sequence[str], from_store: str, to_store: str, strategy: Strategy, legacy: bool
 ) -> list[tuple[ImageRow, str | None]]:
-    legacy = glance.stores() is None
     """One row per image: pending, or already done / skipped, each with the reason for the event log."""
     if image_ids:
         images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]

@@ -99,6 +99,7 @@ class StoreInfo:
     id: str
     default: bool
     description: str
+    type: str | None = None  # file, rbd, s3, swift, cinder...: only admins see it (/v2/info/stores/detail)
 
 
 def image_stores(image: dict[str, Any]) -> set[str]:
@@ -152,7 +153,7 @@ class Glance:
     def connect(cls, cloud: str | None) -> Glance:
         """Connect like the openstack CLI (--os-cloud, OS_CLOUD, clouds.yaml, OS_* variables) and authenticate."""
         try:
-            conn = openstack.connect(cloud=cloud, load_envvars=cloud is None)
+            conn = openstack.connect(cloud=cloud)  # OS_CLIENT_CONFIG_FILE, clouds.yaml, OS_*: like the CLI
             conn.authorize()
         except sdk_exc.ConfigException as e:
             raise CloudError(f"cloud configuration: {e}") from e
@@ -248,15 +249,20 @@ class Glance:
 
     def stores(self) -> list[StoreInfo] | None:
         """The stores Glance is configured with, or None on a Glance without multi-store."""
-        try:
-            body = self._call("GET", "/info/stores").json()
-        except GlanceHTTPError as e:
-            if e.status == 404:
-                return None
-            raise
-        return [
-            StoreInfo(s["id"], bool(s.get("default", False)), s.get("description", "")) for s in body.get("stores", [])
-        ]
+        for path in ("/info/stores/detail", "/info/stores"):  # the detail (with types) is for admins only
+            try:
+                body = self._call("GET", path).json()
+            except GlanceHTTPError as e:
+                if e.status in (403, 404) and path.endswith("detail"):
+                    continue
+                if e.status == 404:
+                    return None
+                raise
+            return [
+                StoreInfo(s["id"], str(s.get("default")).lower() == "true", s.get("description", ""), s.get("type"))
+                for s in body.get("stores", [])
+            ]
+        return None
 
     def import_methods(self) -> list[str]:
         try:

@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from glance_migrator.checks import Finding
 from glance_migrator.commands import RunReport, status_document
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
@@ -17,6 +18,15 @@ def exit_code(rep: RunReport) -> int:
     if not rep.complete:
         return EXIT_INTERRUPTED if any(r.state not in TERMINAL for r in rep.images) else EXIT_OK
     return EXIT_PARTIAL if rep.problems else EXIT_OK
+
+
+def print_findings(findings: list[Finding]) -> None:
+    for f in findings:
+        print(f"{'ok ' if f.ok else 'NO '} {f.topic}: {f.detail}")
+
+
+def findings_exit_code(findings: list[Finding]) -> int:
+    return next((f.error.exit_code for f in findings if not f.ok), EXIT_OK)
 
 
 def print_json(rep: RunReport) -> None:

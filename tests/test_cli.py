@@ -15,7 +15,7 @@ from openstack.connection import Connection
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_STATE_DB, EXIT_USAGE
 from tests.glancetools import cli, seed_image, stores_of
 
-COMMANDS = ["run", "status", "retry"]
+COMMANDS = ["run", "status", "retry", "check"]
 
 
 def _runs(db: Path) -> int:
@@ -241,3 +241,20 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
     assert "only failed or blocked images can be retried" in proc.stderr
     proc = cli("retry", "00000000-0000-4000-8000-000000000000", "--db", db, env=env, check_rc=EXIT_USAGE)
     assert "not part of run" in proc.stderr
+
+
+def test_check_reports_what_the_cloud_offers_and_changes_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    proc = cli("check", "--from-store", "old", "--to-store", "new", "--spool-dir", str(tmp_path / "sp"), env=env)
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "stores: old (file, default), new (file)" in out and "copy-image" in out
+    assert "run --strategy auto: would use copy-image" in out
+    assert "--strategy location-swap: would not work: new is a file store" in out
+    assert not (tmp_path / "sp").exists()
+
+
+def test_check_fails_for_unknown_store_and_for_a_member(env: dict[str, str]) -> None:
+    proc = cli("check", "--from-store", "old", "--to-store", "nowhere", env=env)
+    assert proc.returncode == EXIT_USAGE and "NO  stores: --to-store 'nowhere'" in proc.stdout
+    proc = cli("check", "--from-store", "old", "--to-store", "new", "--os-cloud", "lab-demo", env=env)
+    assert proc.returncode == EXIT_CLOUD and "NO  credentials" in proc.stdout, proc.stdout + proc.stderr
