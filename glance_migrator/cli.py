@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from glance_migrator import __version__, commands, render
-from glance_migrator.errors import Aborted, MigratorError
+from glance_migrator.errors import Aborted, MigratorError, UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
@@ -97,6 +97,9 @@ def run(
         bool,
         typer.Option("--no-spool", help="location-swap: stream each image into its copy, without a spool file."),
     ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what would happen to each image; change nothing.")
+    ] = False,
     workers: WorkersOption = 1,
     db: DbOption = None,
     os_cloud: CloudOption = None,
@@ -105,6 +108,19 @@ def run(
 
     Example: glance-migrator run --from-store file --to-store ceph --workers 4
     """
+    chosen = None if strategy == StrategyChoice.AUTO else Strategy(strategy.value)
+    if dry_run:
+        if resume:
+            raise UsageError("--dry-run plans a new run; it cannot be combined with --resume")
+        the_plan = commands.plan(
+            lambda: Glance.connect(os_cloud),
+            from_store=from_store,
+            to_store=to_store,
+            image_ids=image or [],
+            strategy=chosen,
+        )
+        render.print_plan(the_plan)
+        return
     state = StateDB.open(db)
     rep = commands.run_migration(
         state,
@@ -114,7 +130,7 @@ def run(
         image_ids=image or [],
         resume=resume,
         workers=workers,
-        strategy=None if strategy == StrategyChoice.AUTO else Strategy(strategy.value),
+        strategy=chosen,
         spool_dir=spool_dir,
         no_spool=no_spool,
     )

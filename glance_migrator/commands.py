@@ -87,16 +87,12 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
-        profile = CloudProfile.read(glance)
-        if strategy is None:
-            strategy, why = choose_strategy(profile, from_store)
-            log.info("strategy auto: %s, because %s", strategy, why)
-        preflight(profile, from_store, to_store, strategy)
+        the_plan = _plan(glance, from_store, to_store, ids, strategy)
+        strategy, rows = the_plan.strategy, the_plan.rows
         spool = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
             spool = Spool(spool_dir or default_spool_dir())
             spool.ensure()
-        rows = discover(glance, ids, from_store, to_store, strategy, legacy=profile.stores is None)
         run = db.create_run(from_store, to_store, strategy, glance.cloud, rows, str(spool.root) if spool else None)
         pending = sum(1 for row, _ in rows if row.state == State.PENDING)
         log.info(
@@ -112,6 +108,42 @@ def run_migration(
         runner.run()
     db.finish_run_if_complete(run.id)
     return report(db, run.id)
+
+
+@dataclass
+class Plan:
+    """What a run would do (`run --dry-run`): its strategy and each image's row, nothing recorded."""
+
+    strategy: Strategy
+    why: str
+    rows: list[tuple[ImageRow, str | None]]
+
+    def bytes_to_move(self) -> int:
+        return sum(row.size or 0 for row, _ in self.rows if row.state == State.PENDING)
+
+
+def plan(
+    connect: GlanceFactory,
+    *,
+    from_store: str | None,
+    to_store: str | None,
+    image_ids: Sequence[str] = (),
+    strategy: Strategy | None = None,
+) -> Plan:
+    """`run --dry-run`: discover and classify exactly as a run would; change nothing, in Glance or the DB."""
+    if not from_store or not to_store:
+        raise UsageError("--from-store and --to-store are required to plan a run")
+    return _plan(connect(), from_store, to_store, parse_image_ids(image_ids), strategy)
+
+
+def _plan(glance: Glance, from_store: str, to_store: str, ids: Sequence[str], strategy: Strategy | None) -> Plan:
+    profile = CloudProfile.read(glance)
+    why = "chosen with --strategy"
+    if strategy is None:
+        strategy, why = choose_strategy(profile, from_store)
+        log.info("strategy auto: %s, because %s", strategy, why)
+    preflight(profile, from_store, to_store, strategy)
+    return Plan(strategy, why, discover(glance, ids, from_store, to_store, strategy, legacy=profile.stores is None))
 
 
 def check_cloud(

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glance_migrator.checks import Finding
-from glance_migrator.commands import RunReport, status_document
+from glance_migrator.commands import Plan, RunReport, status_document
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 
@@ -18,6 +18,20 @@ def exit_code(rep: RunReport) -> int:
     if not rep.complete:
         return EXIT_INTERRUPTED if any(r.state not in TERMINAL for r in rep.images) else EXIT_OK
     return EXIT_PARTIAL if rep.problems else EXIT_OK
+
+
+def print_plan(the_plan: Plan) -> None:
+    """One line per image: what a run would do with it and why; then the totals. Plain text, never cut."""
+    print(f"strategy {the_plan.strategy} ({the_plan.why})")
+    actions = {State.PENDING: "migrate", State.DONE: "done already", State.SKIPPED: "skip"}
+    counts: dict[str, int] = {}
+    for row, reason in the_plan.rows:
+        action = actions.get(State(row.state), row.state)
+        counts[action] = counts.get(action, 0) + 1
+        why = f": {reason}" if reason else ""
+        print(f"{action:<13} {row.image_id} {row.name or 'unnamed'} ({row.size or 0} bytes){why}")
+    summary = ", ".join(f"{n} {action}" for action, n in counts.items()) or "no image"
+    print(f"{summary}; {the_plan.bytes_to_move()} bytes to move. Nothing was changed (dry run).")
 
 
 def print_findings(findings: list[Finding]) -> None:

@@ -324,3 +324,18 @@ def test_a_copy_someone_else_started_is_adopted_not_repeated(
     tasks = admin_conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
     assert len(tasks) == 1, tasks  # one copy, the one someone else asked for
     assert_migrated(admin_conn, lab, seeded, "old", "new")
+
+
+def test_dry_run_says_what_would_happen_and_changes_nothing(
+    admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    todo = seed_image(admin_conn, "dry-todo", os.urandom(4321))
+    queued = seed_image(admin_conn, "dry-queued", None)
+    db = tmp_path / "state.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--dry-run", "--image", todo.id,
+               "--image", queued.id, "--db", str(db), env=env, check_rc=EXIT_OK)  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert f"migrate       {todo.id} dry-todo (4321 bytes)" in lines
+    assert any(line.startswith(f"skip          {queued.id}") and "queued" in line for line in lines)
+    assert lines[-1] == "1 migrate, 1 skip; 4321 bytes to move. Nothing was changed (dry run)."
+    assert not db.exists() and stores_of(admin_conn, todo.id) == {"old"}
