@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from glance_migrator import __version__, commands, render
+from glance_migrator.discovery import Filters, Order
 from glance_migrator.errors import Aborted, MigratorError, UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.spool import default_spool_dir
@@ -44,6 +45,22 @@ class StrategyChoice(StrEnum):
     AUTO = "auto"
     COPY_IMAGE = Strategy.COPY_IMAGE.value
     LOCATION_SWAP = Strategy.LOCATION_SWAP.value
+
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | None, option: str) -> int | None:
+    """Bytes, or a number with K, M, G or T (powers of 1024), as operators write image sizes."""
+    if text is None:
+        return None
+    value, unit = text.strip().upper().removesuffix("IB").removesuffix("B"), ""
+    if value and value[-1] in SIZE_UNITS:
+        value, unit = value[:-1], value[-1]
+    try:
+        return int(float(value) * SIZE_UNITS[unit])
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected a size such as 1048576, 512M or 2G") from None
 
 
 def _version(value: bool) -> None:
@@ -97,6 +114,24 @@ def run(
         bool,
         typer.Option("--no-spool", help="location-swap: stream each image into its copy, without a spool file."),
     ] = False,
+    owner: Annotated[
+        list[str] | None, typer.Option("--owner", "--project", help="Only images of this project id (repeatable).")
+    ] = None,
+    visibility: Annotated[
+        list[str] | None, typer.Option("--visibility", help="Only public/private/shared/community (repeatable).")
+    ] = None,
+    name: Annotated[
+        list[str] | None, typer.Option("--name", help="Only names matching this glob (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Leave out this UUID or name glob (repeatable).")
+    ] = None,
+    min_size: Annotated[str | None, typer.Option("--min-size", help="Only images at least this big (e.g. 1G).")] = None,
+    max_size: Annotated[
+        str | None, typer.Option("--max-size", help="Only images at most this big (e.g. 500M).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many images.")] = None,
+    order: Annotated[Order | None, typer.Option("--order", help="Migrate in this order (default: as listed).")] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only say what would happen to each image; change nothing.")
     ] = False,
@@ -109,6 +144,16 @@ def run(
     Example: glance-migrator run --from-store file --to-store ceph --workers 4
     """
     chosen = None if strategy == StrategyChoice.AUTO else Strategy(strategy.value)
+    filters = Filters(
+        owners=tuple(owner or ()),
+        visibilities=tuple(visibility or ()),
+        names=tuple(name or ()),
+        exclude=tuple(exclude or ()),
+        min_size=parse_size(min_size, "--min-size"),
+        max_size=parse_size(max_size, "--max-size"),
+        limit=limit,
+        order=order,
+    )
     if dry_run:
         if resume:
             raise UsageError("--dry-run plans a new run; it cannot be combined with --resume")
@@ -118,6 +163,7 @@ def run(
             to_store=to_store,
             image_ids=image or [],
             strategy=chosen,
+            filters=filters,
         )
         render.print_plan(the_plan)
         return
@@ -133,6 +179,7 @@ def run(
         strategy=chosen,
         spool_dir=spool_dir,
         no_spool=no_spool,
+        filters=filters,
     )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))

@@ -10,7 +10,7 @@ from typing import Any
 
 from glance_migrator.checks import CloudProfile, Finding, choose_strategy, preflight
 from glance_migrator.checks import report as cloud_report
-from glance_migrator.discovery import discover, parse_image_ids
+from glance_migrator.discovery import Filters, discover, parse_image_ids
 from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
@@ -22,6 +22,7 @@ from glance_migrator.statedb import StateDB
 log = logging.getLogger(__name__)
 
 GlanceFactory = Callable[[], Glance]
+NO_FILTERS = Filters()
 
 
 @dataclass
@@ -51,6 +52,7 @@ def run_migration(
     strategy: Strategy | None = Strategy.COPY_IMAGE,
     spool_dir: Path | None = None,
     no_spool: bool = False,
+    filters: Filters = NO_FILTERS,
 ) -> RunReport:
     """Start a run (discover, then migrate), or with `resume` continue the unfinished one.
 
@@ -65,8 +67,8 @@ def run_migration(
         ):
             if given is not None and given != recorded:
                 raise UsageError(f"{option} {given!r} differs from the unfinished run {unfinished.id}'s {recorded!r}")
-        if ids:
-            raise UsageError("--image cannot be combined with --resume: the run's images were chosen when it started")
+        if ids or filters != NO_FILTERS:
+            raise UsageError("--resume takes no --image or filter: the run's images were chosen when it started")
         if spool_dir is not None and str(spool_dir) != unfinished.spool_dir:
             raise UsageError(
                 f"run {unfinished.id} keeps its downloads in {unfinished.spool_dir}; --spool-dir cannot change"
@@ -87,7 +89,7 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
-        the_plan = _plan(glance, from_store, to_store, ids, strategy)
+        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters)
         strategy, rows = the_plan.strategy, the_plan.rows
         spool = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
@@ -129,21 +131,25 @@ def plan(
     to_store: str | None,
     image_ids: Sequence[str] = (),
     strategy: Strategy | None = None,
+    filters: Filters = NO_FILTERS,
 ) -> Plan:
     """`run --dry-run`: discover and classify exactly as a run would; change nothing, in Glance or the DB."""
     if not from_store or not to_store:
         raise UsageError("--from-store and --to-store are required to plan a run")
-    return _plan(connect(), from_store, to_store, parse_image_ids(image_ids), strategy)
+    return _plan(connect(), from_store, to_store, parse_image_ids(image_ids), strategy, filters)
 
 
-def _plan(glance: Glance, from_store: str, to_store: str, ids: Sequence[str], strategy: Strategy | None) -> Plan:
+def _plan(
+    glance: Glance, from_store: str, to_store: str, ids: Sequence[str], strategy: Strategy | None, filters: Filters
+) -> Plan:
     profile = CloudProfile.read(glance)
     why = "chosen with --strategy"
     if strategy is None:
         strategy, why = choose_strategy(profile, from_store)
         log.info("strategy auto: %s, because %s", strategy, why)
     preflight(profile, from_store, to_store, strategy)
-    return Plan(strategy, why, discover(glance, ids, from_store, to_store, strategy, legacy=profile.stores is None))
+    rows = discover(glance, ids, from_store, to_store, strategy, legacy=profile.stores is None, filters=filters)
+    return Plan(strategy, why, rows)
 
 
 def check_cloud(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from glance_migrator.errors import UsageError
@@ -27,24 +30,77 @@ def parse_image_ids(values: Sequence[str]) -> list[str]:
     return ids
 
 
+class Order(StrEnum):
+    NAME = "name"
+    SMALLEST = "smallest"  # small images first: the most images done soonest
+    LARGEST = "largest"
+    OLDEST = "oldest"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which images a run takes (`run --owner --visibility --name --exclude --min-size --max-size --limit --order`)."""
+
+    owners: tuple[str, ...] = ()
+    visibilities: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()  # globs
+    exclude: tuple[str, ...] = ()  # UUIDs or name globs
+    min_size: int | None = None
+    max_size: int | None = None
+    limit: int | None = None
+    order: Order | None = None
+
+    def accepts(self, image: dict[str, Any]) -> bool:
+        name, size = image.get("name") or "", image.get("size")
+        return (
+            (not self.owners or image.get("owner") in self.owners)
+            and (not self.visibilities or image.get("visibility") in self.visibilities)
+            and (not self.names or any(fnmatch.fnmatchcase(name, glob) for glob in self.names))
+            and not any(image["id"] == ex or fnmatch.fnmatchcase(name, ex) for ex in self.exclude)
+            and (self.min_size is None or (size is not None and size >= self.min_size))
+            and (self.max_size is None or (size is not None and size <= self.max_size))
+        )
+
+    def arrange(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keys = {
+            Order.NAME: lambda i: (i.get("name") or "", i["id"]),
+            Order.SMALLEST: lambda i: (i.get("size") or 0, i["id"]),
+            Order.LARGEST: lambda i: (-(i.get("size") or 0), i["id"]),
+            Order.OLDEST: lambda i: (i.get("created_at") or "", i["id"]),
+        }
+        ordered = sorted(images, key=keys[self.order]) if self.order else images
+        return ordered[: self.limit] if self.limit is not None else ordered
+
+
 def discover(
-    glance: Glance, image_ids: Sequence[str], from_store: str, to_store: str, strategy: Strategy, legacy: bool
+    glance: Glance,
+    image_ids: Sequence[str],
+    from_store: str,
+    to_store: str,
+    strategy: Strategy,
+    legacy: bool,
+    filters: Filters = Filters(),
 ) -> list[tuple[ImageRow, str | None]]:
-    """One row per image: pending, or already done / skipped, each with the reason for the event log."""
+    """One row per image: pending, or already done / skipped, each with the reason for the event log.
+
+    The rows are recorded in this order, and workers take images in it (see `Filters.order`).
+    """
     if image_ids:
         images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]
     else:
         images = glance.list_images()
-    rows: dict[str, tuple[ImageRow, str | None]] = {}
+    unique: dict[str, dict[str, Any]] = {}
     copies = 0
     for image in images:
         if image.get(COPY_OF_PROPERTY) and not image_ids:
             copies += 1  # location-swap's second images move with their originals, never on their own
             continue
-        rows.setdefault(image["id"], classify(image, from_store, to_store, strategy, legacy))
+        if filters.accepts(image):
+            unique.setdefault(image["id"], image)
     if copies:
         log.info("left out %d image(s) that are glance-migrator copies (%s)", copies, COPY_OF_PROPERTY)
-    return list(rows.values())
+    chosen = filters.arrange(list(unique.values()))
+    return [classify(image, from_store, to_store, strategy, legacy) for image in chosen]
 
 
 def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class ImageRow(Base):
     # Where the migration stands.
     strategy: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(32), index=True)
+    position: Mapped[int | None] = mapped_column(Integer)  # runs take their images in this order
     failed_at: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     error_kind: Mapped[str | None] = mapped_column(String(32))

@@ -164,8 +164,9 @@ class StateDB:
             )
             s.add(run)
             s.flush()
-            for row, reason in images:
+            for position, (row, reason) in enumerate(images):
                 row.run_id = run.id
+                row.position = position
                 s.add(row)
                 s.add(Event(run_id=run.id, image_id=row.image_id, to_state=row.state, message=reason))
             return run
@@ -203,7 +204,7 @@ class StateDB:
 
     def images(self, run_id: int, states: Sequence[State] | None = None) -> list[ImageRow]:
         with self.session() as s:
-            query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.created_at)
+            query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.position, ImageRow.image_id)
             if states is not None:
                 query = query.where(ImageRow.state.in_([str(st) for st in states]))
             return list(s.scalars(query))
@@ -239,7 +240,7 @@ class StateDB:
                     ImageRow.state.not_in([str(t) for t in TERMINAL]),
                     ImageRow.image_id.not_in(exclude),
                 )
-                .order_by(ImageRow.created_at, ImageRow.image_id)
+                .order_by(ImageRow.position, ImageRow.image_id)
             )
             for row in candidates:
                 if not _lease_free(row, now):

@@ -339,3 +339,20 @@ def test_dry_run_says_what_would_happen_and_changes_nothing(
     assert any(line.startswith(f"skip          {queued.id}") and "queued" in line for line in lines)
     assert lines[-1] == "1 migrate, 1 skip; 4321 bytes to move. Nothing was changed (dry run)."
     assert not db.exists() and stores_of(admin_conn, todo.id) == {"old"}
+
+
+def test_filters_choose_and_order_the_images_of_a_run(
+    admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    tag = os.urandom(4).hex()
+    sizes = {"a": 3000, "b": 1000, "c": 2000, "d": 5000, "e": 10}
+    seeded = {k: seed_image(admin_conn, f"flt-{tag}-{k}", os.urandom(n)) for k, n in sizes.items()}
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--dry-run", "--name", f"flt-{tag}-*",
+               "--exclude", f"flt-{tag}-c", "--exclude", seeded["d"].id, "--min-size", "100",
+               "--order", "smallest", "--limit", "2", env=env, check_rc=EXIT_OK)  # fmt: skip
+    chosen = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("migrate")]
+    assert chosen == [seeded["b"].id, seeded["a"].id]  # e too small, c and d excluded, smallest first, 2 only
+    db = tmp_path / "state.db"
+    cli("run", "--from-store", "old", "--to-store", "new", "--name", f"flt-{tag}-*", "--order", "largest",
+        "--max-size", "2.5K", "--db", str(db), env=env, check_rc=EXIT_OK)  # fmt: skip
+    assert [img["id"] for img in status_json(db, env)["images"]] == [seeded[k].id for k in ("c", "b", "e")]

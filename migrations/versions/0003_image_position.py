@@ -1,0 +1,26 @@
+"""images.position: the order in which a run takes its images (run --order)
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("images") as batch:
+        batch.add_column(sa.Column("position", sa.Integer(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("images") as batch:
+        batch.drop_column("position")
