@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ _retry_transient = retry(
 )
 
 
+_URL_CREDENTIALS: Final = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Hide credentials in URLs (s3://key:secret@host, swift://user:key@...) before text is logged or stored."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 def _detail(response: requests.Response) -> str:
     """Glance's error bodies are HTML-ish or JSON; keep one readable line."""
     text = response.text or ""
@@ -91,7 +100,7 @@ def _detail(response: requests.Response) -> str:
                     break
     except ValueError:
         pass
-    return html.unescape(" ".join(text.replace("<br />", " ").split()))[:300]
+    return redact(html.unescape(" ".join(text.replace("<br />", " ").split())))[:300]
 
 
 @dataclass(frozen=True)
@@ -216,6 +225,14 @@ class Glance:
             if e.status == 404:
                 return None
             raise
+
+    def last_task_message(self, image_id: str) -> str | None:
+        """The message of the image's newest task (why an import failed), if Glance shows it."""
+        try:
+            tasks = self._call("GET", f"/images/{image_id}/tasks").json().get("tasks", [])
+        except GlanceHTTPError:
+            return None
+        return redact(str(tasks[-1].get("message") or "")) or None if tasks else None
 
     def get_task(self, task_id: str) -> dict[str, Any] | None:
         """A Glance task (an import), or None if Glance no longer has it or will not show it."""

@@ -356,3 +356,19 @@ def test_filters_choose_and_order_the_images_of_a_run(
     cli("run", "--from-store", "old", "--to-store", "new", "--name", f"flt-{tag}-*", "--order", "largest",
         "--max-size", "2.5K", "--db", str(db), env=env, check_rc=EXIT_OK)  # fmt: skip
     assert [img["id"] for img in status_json(db, env)["images"]] == [seeded[k].id for k in ("c", "b", "e")]
+
+
+def test_copy_image_of_a_corrupted_source_is_an_integrity_failure_and_removes_nothing(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seeded = seed_image(admin_conn, "corrupt-copy", os.urandom(MiB))
+    path = lab.store_dir("old") / seeded.id
+    data = bytearray(path.read_bytes())
+    data[4096] ^= 0x01  # same size, different bytes: only a hash can tell
+    path.write_bytes(bytes(data))
+    db = tmp_path / "state.db"
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=env)
+    assert proc.returncode == EXIT_PARTIAL, proc.stderr
+    (row,) = status_json(db, env)["images"]
+    assert row["state"] == "failed" and row["error_kind"] == "integrity", row
+    assert stores_of(admin_conn, seeded.id) == {"old"} and path.read_bytes() == bytes(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from glance_migrator.errors import IntegrityFailure
+from glance_migrator.glance import redact
 from glance_migrator.models import ImageRow
 from glance_migrator.verify import check_unchanged, has_fingerprint
 
@@ -31,3 +32,11 @@ def test_images_without_size_or_hash_cannot_be_verified() -> None:
     assert not has_fingerprint({**RECORD, "size": None})
     assert not has_fingerprint({**RECORD, "checksum": None, "os_hash_value": None})
     assert has_fingerprint({**RECORD, "os_hash_value": None})  # pre-Rocky images: md5 only
+
+
+def test_credentials_in_location_urls_are_redacted() -> None:
+    text = "Invalid location: s3://key:secret@127.0.0.1:8333/glance/x, swift+https://u:k@h/v1, rbd://fsid/images/x/snap"
+    assert (
+        redact(text)
+        == "Invalid location: s3://***@127.0.0.1:8333/glance/x, swift+https://***@h/v1, rbd://fsid/images/x/snap"
+    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from glance_migrator.errors import ImageBlocked, ImageFailure
+from glance_migrator.errors import ImageBlocked, ImageFailure, IntegrityFailure
 from glance_migrator.glance import (
     GlanceHTTPError,
     failed_import_stores,
@@ -125,10 +125,16 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
                     },
                 )
             if ctx.to_store in failed_import_stores(image):
+                why = ctx.glance.last_task_message(row.image_id)
+                if why and "different from current value" in why:  # Glance hashed the source: it changed
+                    raise IntegrityFailure(
+                        f"Glance's copy to {ctx.to_store} found data that does not match the image's record "
+                        f"({why}); the source copy in {ctx.from_store} is corrupt or changed. Nothing was removed"
+                    )
                 raise ImageFailure(
-                    f"Glance's copy to {ctx.to_store} failed (os_glance_failed_import); the image is intact in "
-                    f"{ctx.from_store}. The task's message: `GET /v2/images/{row.image_id}/tasks`; a file left "
-                    f"in the target store by a failed copy makes every retry fail until it is removed"
+                    f"Glance's copy to {ctx.to_store} failed (os_glance_failed_import: {why or 'no message'}); "
+                    f"the image is intact in {ctx.from_store}. A file a failed copy left in the target store "
+                    "makes every retry fail until it is removed"
                 )
             # Neither copied, copying nor failed: the task vanished. Asking again is safe.
             if requests_left == 0:
