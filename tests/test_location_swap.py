@@ -20,7 +20,6 @@ from tests.glancetools import (
     cli_popen,
     copies_of,
     download_sha512,
-    event_count,
     raw_image,
     seed_image,
     stable,
@@ -78,29 +77,50 @@ def test_location_swap_moves_a_dozen_images(
         assert not spool.exists() and "no spool (--no-spool)" in proc.stderr
 
 
+def _reached(db: Path, state: str) -> int:
+    """How many images have reached `state` so far, read from the event log as an outsider would."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+            return int(c.execute("SELECT count(*) FROM events WHERE to_state = ?", (state,)).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_location_swap_survives_kill_9_at_any_moment(
+def test_location_swap_survives_kill_9_at_every_step_boundary_and_mid_transfer(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str
 ) -> None:
-    images = _varied(conn, f"kill-{target}", count=6)
-    images += [seed_image(conn, f"kill-{target}-big-{i}", os.urandom(60 * MiB)) for i in range(2)]
-    db, log = tmp_path / "state.db", tmp_path / "runner.log"
-    common = ["--db", str(db), "--spool-dir", str(tmp_path / "spool")]
-    kills = 0
-    for threshold in (1, 4, 8, 13, 19, 26, 34, 43):
-        start = ["--from-store", "old", "--to-store", target, "--strategy", "location-swap", *_select(images)]
-        proc = cli_popen("run", *(start if kills == 0 else ["--resume"]), *common, env=env, log=log)
-        assert wait_for(lambda t=threshold, p=proc: event_count(db) >= t or p.poll() is not None, timeout=180)
-        if proc.poll() is not None:
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-    assert kills >= 5, f"only {kills} kills before the run finished; see {log}"
+    bigs = [seed_image(conn, f"kill-{target}-big-{i}", os.urandom(60 * MiB)) for i in range(2)]
+    images = bigs + _varied(conn, f"kill-{target}", count=6)  # the run takes them in this order
+    db, log, spool = tmp_path / "state.db", tmp_path / "runner.log", tmp_path / "spool"
+    common = ["--db", str(db), "--spool-dir", str(spool)]
+    start = ["--from-store", "old", "--to-store", target, "--strategy", "location-swap", *_select(images)]
+    killed_at = []
+
+    def run_and_kill(when: str, condition: Any) -> None:
+        proc = cli_popen("run", *(start if not killed_at else ["--resume"]), *common, env=env, log=log)
+        assert wait_for(lambda: condition() or proc.poll() is not None, timeout=180), f"never reached {when}"
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed_at.append(when)
+
+    # Mid-download: a 60 MiB image is being written to its spool file.
+    run_and_kill("mid-download", lambda: any(p.suffix == ".part" and p.stat().st_size > 0 for p in spool.glob("*")))
+    # Mid-upload: a copy B is receiving its data.
+    run_and_kill("mid-upload", lambda: any(c["status"] == "saving" for i in bigs for c in copies_of(conn, i.id)))
+    # Right after each step of the path is recorded, the first time and again later in the run.
+    for state in ("downloaded", "created", "location-set", "location-deleted", "protected", "cleaned", "done"):
+        before = _reached(db, state)
+        run_and_kill(f"after {state}", lambda s=state, n=before: _reached(db, s) > n)
+    assert killed_at[:2] == ["mid-download", "mid-upload"] and len(killed_at) >= 7, f"killed at {killed_at}; {log}"
     done = cli("run", "--resume", *common, env=env)
     assert done.returncode == EXIT_OK, done.stderr + log.read_text()
     for seeded in images:
         assert_swapped(conn, full_lab, seeded, "old", target)
+    assert list(spool.iterdir()) == []
 
 
 def test_corrupt_source_fails_with_integrity_error_and_keeps_its_location(
