@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,24 @@ def test_legacy_single_store_glance_file_to_rbd(
             assert copy["protected"] is True and copy["os_hidden"] is True
     finally:
         full_lab.reconfigure_legacy(None)
+
+
+def test_an_image_that_cannot_fit_in_the_spool_fails_with_the_reason_and_changes_nothing(
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    spool = tmp_path / "small-spool"
+    spool.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool)], capture_output=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a 4 MiB tmpfs: {mounted.stderr!r}"
+    try:
+        seeded = seed_image(conn, "too-big-for-spool", os.urandom(8 * MiB))
+        db = tmp_path / "state.db"
+        proc = cli("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap",
+                   "--image", seeded.id, "--spool-dir", str(spool), "--db", str(db), env=env)  # fmt: skip
+        assert proc.returncode == EXIT_PARTIAL, proc.stderr
+        (row,) = status_json(db, env)["images"]
+        assert row["state"] == "failed" and row["error_kind"] == "resources" and "bytes free" in row["error"]
+        assert stores_of(conn, seeded.id) == {"old"} and copies_of(conn, seeded.id) == []
+        assert list(spool.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(spool)], check=True)
