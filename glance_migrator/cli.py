@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
@@ -73,16 +74,27 @@ def _version(value: bool) -> None:
 def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every HTTP retry and debug detail.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")] = False,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="Also append every log line (at -v detail) to this file.")
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        try:
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as e:
+            raise UsageError(f"--log-file {log_file}: {e.strerror}") from e
     logging.basicConfig(
-        level=level,
+        level=logging.DEBUG if log_file else level,
         format="%(asctime)s %(levelname)-7s %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
+        handlers=handlers,
     )
     if not verbose:  # openstacksdk and keystoneauth warn about things we report better ourselves
         for name in ("openstack", "keystoneauth", "stevedore", "alembic"):
@@ -205,19 +217,56 @@ def check(
 
 @app.command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document (same as -f json).")] = False,
+    fmt: Annotated[
+        render.Format | None,
+        typer.Option("--format", "-f", help="List every image in this format instead of the summary."),
+    ] = None,
+    columns: Annotated[
+        list[str] | None, typer.Option("--column", "-c", help="With -f: only this column (repeatable).")
+    ] = None,
+    watch: Annotated[
+        float | None, typer.Option("--watch", min=0.5, help="Redraw every SECONDS until the run is complete.")
+    ] = None,
     run_id: RunIdOption = None,
     db: DbOption = None,
 ) -> None:
-    """Show counts per state, and the images that failed or were skipped with the reason.
+    """Show counts per state, and the images that failed, were blocked or skipped, with the reason.
 
     Example: glance-migrator status --json | jq '.images[] | select(.state=="failed")'
+    Example: glance-migrator status -f csv -c id -c state -c error
     """
-    rep = commands.report(StateDB.open(db), run_id)
-    if as_json:
-        render.print_json(rep)
-    else:
-        render.print_status(rep)
+    state_db = StateDB.open(db)
+    fmt = render.Format.JSON if as_json else fmt
+    while True:
+        rep = commands.report(state_db, run_id)
+        if watch is not None and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")  # clear the screen between redraws, as `watch` does
+        if fmt is None:
+            render.print_status(rep)
+        else:
+            render.print_images(rep, fmt, columns or [])
+        if watch is None or rep.complete:
+            return
+        time.sleep(watch)
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="Audit file to write: .json (with every event) or .csv.")],
+    run_id: RunIdOption = None,
+    db: DbOption = None,
+) -> None:
+    """Write an audit file of every image: stores, sizes and hashes before and after, timings, attempts, errors.
+
+    Example: glance-migrator report migration-audit.csv
+    """
+    records = commands.audit(StateDB.open(db), run_id)
+    try:
+        render.write_audit(records, output)
+    except OSError as e:
+        raise UsageError(f"cannot write {output}: {e.strerror}") from e
+    print(f"wrote {len(records)} image(s) to {output}")
 
 
 @app.command()

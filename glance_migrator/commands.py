@@ -245,5 +245,50 @@ def status_document(rep: RunReport) -> dict[str, Any]:
     }
 
 
+def audit(db: StateDB, run_id: int | None = None) -> list[dict[str, Any]]:
+    """`report`: every image of the run with what it was, what it is, how long it took and what happened."""
+    rep = report(db, run_id)
+    events: dict[str, list[dict[str, Any]]] = {}
+    for event in db.events(rep.run.id):
+        events.setdefault(event.image_id, []).append(
+            {"at": _iso(event.at), "from": event.from_state, "to": event.to_state, "message": event.message}
+        )
+    records = []
+    for row in rep.images:
+        seconds = (row.finished_at - row.started_at).total_seconds() if row.finished_at and row.started_at else None
+        records.append(
+            {
+                "run": rep.run.id,
+                "strategy": row.strategy,
+                "from_store": rep.run.from_store,
+                "to_store": rep.run.to_store,
+                "id": row.image_id,
+                "name": row.name,
+                "owner": row.owner,
+                "visibility": row.visibility,
+                "state": row.state,
+                "size_before": row.size,
+                "checksum_before": row.checksum,
+                "os_hash_algo": row.os_hash_algo,
+                "os_hash_value_before": row.os_hash_value,
+                "stores_before": row.stores,
+                "size_after": row.after_size,
+                "checksum_after": row.after_checksum,
+                "os_hash_value_after": row.after_hash_value,
+                "stores_after": row.after_stores,
+                "copy_image_id": row.copy_image_id,
+                "attempts": row.attempts,
+                "failed_at": row.failed_at,
+                "error": row.error,
+                "error_kind": row.error_kind,
+                "started_at": _iso(row.started_at),
+                "finished_at": _iso(row.finished_at),
+                "seconds": seconds,
+                "events": events.get(row.image_id, []),
+            }
+        )
+    return records
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() + "Z" if value is not None else None

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from glance_migrator.checks import Finding
 from glance_migrator.commands import Plan, RunReport, status_document
-from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 
 
@@ -41,6 +46,58 @@ def print_findings(findings: list[Finding]) -> None:
 
 def findings_exit_code(findings: list[Finding]) -> int:
     return next((f.error.exit_code for f in findings if not f.ok), EXIT_OK)
+
+
+class Format(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+    CSV = "csv"
+    VALUE = "value"
+
+
+def print_images(rep: RunReport, fmt: Format, columns: list[str]) -> None:
+    """Every image of the run, like `openstack ... -f FORMAT -c COLUMN`: json is the whole document."""
+    doc = status_document(rep)
+    if fmt == Format.JSON and not columns:
+        print(json.dumps(doc, indent=2))
+        return
+    known = list(doc["images"][0]) if doc["images"] else []
+    unknown = [c for c in columns if known and c not in known]
+    if unknown:
+        raise UsageError(f"unknown column(s) {', '.join(unknown)}; columns: {', '.join(known)}")
+    cols = columns or known
+    rows = [{c: image[c] for c in cols} for image in doc["images"]]
+    if fmt == Format.JSON:
+        print(json.dumps(rows, indent=2))
+    elif fmt == Format.YAML:
+        print(yaml.safe_dump(rows, sort_keys=False), end="")
+    elif fmt == Format.CSV:
+        writer = csv.DictWriter(sys.stdout, fieldnames=cols, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif fmt == Format.VALUE:
+        for row in rows:
+            print(" ".join("" if v is None else str(v) for v in row.values()))
+    else:
+        table = Table(*cols, box=None, pad_edge=False)
+        for row in rows:
+            table.add_row(*("" if v is None else str(v) for v in row.values()))
+        # On a terminal, fit the screen; into a pipe or file, never cut a value (ids get copied from there).
+        Console(highlight=False, width=None if sys.stdout.isatty() else 100_000).print(table)
+
+
+def write_audit(records: list[dict[str, Any]], path: Path) -> None:
+    """JSON (with each image's events) or, for a .csv path, one CSV row per image (events left out)."""
+    with path.open("w", newline="") as f:
+        if path.suffix.lower() == ".csv":
+            fields = [k for k in (records[0] if records else {}) if k != "events"]
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+        else:
+            json.dump(records, f, indent=2)
+            f.write("\n")
 
 
 def print_json(rep: RunReport) -> None:

@@ -15,7 +15,7 @@ from openstack.connection import Connection
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_STATE_DB, EXIT_USAGE
 from tests.glancetools import cli, seed_image, stores_of
 
-COMMANDS = ["run", "status", "retry", "check"]
+COMMANDS = ["run", "status", "retry", "check", "report"]
 
 
 def _runs(db: Path) -> int:
@@ -258,3 +258,30 @@ def test_check_fails_for_unknown_store_and_for_a_member(env: dict[str, str]) -> 
     assert proc.returncode == EXIT_USAGE and "NO  stores: --to-store 'nowhere'" in proc.stdout
     proc = cli("check", "--from-store", "old", "--to-store", "new", "--os-cloud", "lab-demo", env=env)
     assert proc.returncode == EXIT_CLOUD and "NO  credentials" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_status_formats_report_and_log_file(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
+    seeded = seed_image(admin_conn, "cli-formats", os.urandom(3000))
+    db, log = str(tmp_path / "state.db"), tmp_path / "run.log"
+    cli("--log-file", str(log), "run", "--from-store", "old", "--to-store", "new", "--image", seeded.id,
+        "--db", db, env=env, check_rc=EXIT_OK)  # fmt: skip
+    assert f"{seeded.id} (cli-formats): done" in log.read_text()
+    out = cli("status", "-f", "csv", "-c", "id", "-c", "state", "--db", db, env=env, check_rc=EXIT_OK).stdout
+    assert out == f"id,state\n{seeded.id},done\n"
+    out = cli("status", "-f", "value", "-c", "state", "-c", "size", "--db", db, env=env, check_rc=EXIT_OK).stdout
+    assert out == "done 3000\n"
+    out = cli("status", "-f", "yaml", "-c", "id", "--db", db, env=env, check_rc=EXIT_OK).stdout
+    assert out == f"- id: {seeded.id}\n"
+    proc = cli("status", "-f", "csv", "-c", "nope", "--db", db, env=env, check_rc=EXIT_USAGE)
+    assert "unknown column(s) nope" in _error_line(proc.stderr)
+    assert seeded.id in cli("status", "--watch", "1", "-f", "table", "--db", db, env=env, check_rc=EXIT_OK).stdout
+
+    cli("report", str(tmp_path / "audit.json"), "--db", db, env=env, check_rc=EXIT_OK)
+    (record,) = json.loads((tmp_path / "audit.json").read_text())
+    assert record["id"] == seeded.id and record["state"] == "done" and record["stores_before"] == "old"
+    assert record["stores_after"] == "new" and record["os_hash_value_after"] == record["os_hash_value_before"]
+    assert [e["to"] for e in record["events"]] == ["pending", "copy-requested", "copied", "old-removed", "done"]
+    assert record["seconds"] is not None and record["attempts"] == 1
+    cli("report", str(tmp_path / "audit.csv"), "--db", db, env=env, check_rc=EXIT_OK)
+    header, row = (tmp_path / "audit.csv").read_text().splitlines()
+    assert header.startswith("run,strategy,from_store,to_store,id,") and seeded.id in row
