@@ -6,6 +6,8 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
@@ -64,6 +66,24 @@ def parse_size(text: str | None, option: str) -> int | None:
         raise UsageError(f"{option} {text!r}: expected a size such as 1048576, 512M or 2G") from None
 
 
+_CONSOLE_LOG = logging.StreamHandler(sys.stderr)
+
+
+@contextmanager
+def _live_progress() -> Iterator[render.LiveProgress | None]:
+    """On an interactive terminal, a live display replaces the per-step log lines (warnings still show)."""
+    if not sys.stderr.isatty() or _CONSOLE_LOG.level > logging.INFO:
+        yield None
+        return
+    level = _CONSOLE_LOG.level
+    _CONSOLE_LOG.setLevel(logging.WARNING)
+    try:
+        with render.LiveProgress() as live:
+            yield live
+    finally:
+        _CONSOLE_LOG.setLevel(level)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"glance-migrator {__version__}")
@@ -82,7 +102,7 @@ def main_options(
     ] = False,
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    console = logging.StreamHandler(sys.stderr)
+    console = _CONSOLE_LOG
     console.setLevel(level)
     handlers: list[logging.Handler] = [console]
     if log_file is not None:
@@ -180,19 +200,21 @@ def run(
         render.print_plan(the_plan)
         return
     state = StateDB.open(db)
-    rep = commands.run_migration(
-        state,
-        lambda: Glance.connect(os_cloud),
-        from_store=from_store,
-        to_store=to_store,
-        image_ids=image or [],
-        resume=resume,
-        workers=workers,
-        strategy=chosen,
-        spool_dir=spool_dir,
-        no_spool=no_spool,
-        filters=filters,
-    )
+    with _live_progress() as live:
+        rep = commands.run_migration(
+            state,
+            lambda: Glance.connect(os_cloud),
+            from_store=from_store,
+            to_store=to_store,
+            image_ids=image or [],
+            resume=resume,
+            workers=workers,
+            strategy=chosen,
+            spool_dir=spool_dir,
+            no_spool=no_spool,
+            filters=filters,
+            progress=live,
+        )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))
 

@@ -14,7 +14,7 @@ from glance_migrator.discovery import Filters, discover, parse_image_ids
 from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
-from glance_migrator.runner import Runner, graceful_interrupts
+from glance_migrator.runner import ProgressSink, Runner, graceful_interrupts
 from glance_migrator.spool import Spool, default_spool_dir
 from glance_migrator.state import PATHS, RETRYABLE, State, Strategy
 from glance_migrator.statedb import StateDB
@@ -53,6 +53,7 @@ def run_migration(
     spool_dir: Path | None = None,
     no_spool: bool = False,
     filters: Filters = NO_FILTERS,
+    progress: ProgressSink | None = None,
 ) -> RunReport:
     """Start a run (discover, then migrate), or with `resume` continue the unfinished one.
 
@@ -105,7 +106,7 @@ def run_migration(
             from_store,
             to_store,
         )
-    runner = Runner(db, glance, run, workers)
+    runner = Runner(db, glance, run, workers, progress=progress)
     with graceful_interrupts(runner):
         runner.run()
     db.finish_run_if_complete(run.id)

@@ -5,17 +5,30 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import threading
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from glance_migrator.checks import Finding
 from glance_migrator.commands import Plan, RunReport, status_document
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
+from glance_migrator.models import ImageRow
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 
 
@@ -37,6 +50,59 @@ def print_plan(the_plan: Plan) -> None:
         print(f"{action:<13} {row.image_id} {row.name or 'unnamed'} ({row.size or 0} bytes){why}")
     summary = ", ".join(f"{n} {action}" for action, n in counts.items()) or "no image"
     print(f"{summary}; {the_plan.bytes_to_move()} bytes to move. Nothing was changed (dry run).")
+
+
+class _TotalsOnly(ProgressColumn):
+    """A column drawn for the totals (images, bytes) and left blank on the workers' lines."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> RenderableType:
+        return "" if task.fields.get("worker") else self.column.render(task)
+
+
+class LiveProgress:
+    """The live display on an interactive terminal: images and bytes with rate and ETA, a line per worker."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            *(_TotalsOnly(c) for c in (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())),
+            console=Console(stderr=True),
+        )
+        self._images = self.progress.add_task("images", total=None)
+        self._bytes = self.progress.add_task("bytes ", total=None)
+        self._workers: dict[str, TaskID] = {}
+        self._finished: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, rows: list[ImageRow]) -> None:
+        done = [r for r in rows if r.state in TERMINAL]
+        self._finished = {r.image_id for r in done}
+        self.progress.update(self._images, total=len(rows), completed=len(done))
+        self.progress.update(
+            self._bytes, total=sum(r.size or 0 for r in rows), completed=sum(r.size or 0 for r in done)
+        )
+
+    def update(self, worker: str, row: ImageRow | None) -> None:
+        with self._lock:
+            if worker not in self._workers:
+                self._workers[worker] = self.progress.add_task(worker, total=None, start=False, worker=True)
+            text = f"{worker}: idle" if row is None else f"{worker}: {row.name or row.image_id} -> {row.state}"
+            self.progress.update(self._workers[worker], description=text)
+            if row is not None and row.state in TERMINAL and row.image_id not in self._finished:
+                self._finished.add(row.image_id)
+                self.progress.advance(self._images)
+                self.progress.advance(self._bytes, row.size or 0)
 
 
 def print_findings(findings: list[Finding]) -> None:

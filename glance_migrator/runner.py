@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Final, Protocol
 
 from glance_migrator.errors import Aborted, ImageBlocked, ImageFailure, ImageSkipped, InternalError, MigratorError
 from glance_migrator.glance import Glance, GlanceHTTPError
@@ -28,8 +28,24 @@ log = logging.getLogger(__name__)
 WAIT_FOR_OTHERS: Final = 2.0  # seconds between looks when another runner holds the remaining images
 
 
+class ProgressSink(Protocol):
+    """Who wants to see the run move (the live display of an interactive terminal)."""
+
+    def start(self, rows: list[ImageRow]) -> None: ...
+
+    def update(self, worker: str, row: ImageRow | None) -> None: ...  # None: the worker is idle
+
+
 class Runner:
-    def __init__(self, db: StateDB, glance: Glance, run: Run, workers: int = 1, **ctx_options: float) -> None:
+    def __init__(
+        self,
+        db: StateDB,
+        glance: Glance,
+        run: Run,
+        workers: int = 1,
+        progress: ProgressSink | None = None,
+        **ctx_options: float,
+    ) -> None:
         self.db = db
         self.glance = glance
         self.run_row = run
@@ -40,10 +56,13 @@ class Runner:
         self._ctx_options = ctx_options
         self._waiting_logged = False
         self._lock = threading.Lock()
+        self.progress = progress
         self.legacy = glance.stores() is None
 
     def run(self) -> None:
         """Work until every image of the run is finished, the operator stops us, or a fatal error."""
+        if self.progress is not None:
+            self.progress.start(self.db.images(self.run_row.id))
         heartbeat_done = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_done,), daemon=True)
         heartbeat.start()
@@ -77,11 +96,13 @@ class Runner:
                         return
                     continue
                 try:
+                    self._show(row)
                     self._process(row)
                 except LeaseLost as e:
                     log.warning("%s: %s; leaving it to that runner", row.image_id, e)
                 finally:
                     self.db.release(row.run_id, row.image_id, self.owner)
+                    self._show(None)
             except MigratorError as e:
                 self._fail_run(e)
             except Exception as e:  # a bug must stop the run loudly, not end one thread quietly
@@ -151,7 +172,13 @@ class Runner:
                 return
 
     def _record(self, row: ImageRow, target: State, message: str, **fields: object) -> ImageRow:
-        return self.db.transition(row.run_id, row.image_id, target, message, owner=self.owner, **fields)
+        row = self.db.transition(row.run_id, row.image_id, target, message, owner=self.owner, **fields)
+        self._show(row)
+        return row
+
+    def _show(self, row: ImageRow | None) -> None:
+        if self.progress is not None:
+            self.progress.update(threading.current_thread().name, row)
 
 
 @contextmanager

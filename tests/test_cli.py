@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_STATE_DB, EXIT_USAGE
-from tests.glancetools import cli, seed_image, stores_of
+from tests.glancetools import CLI, cli, seed_image, stores_of
 
 COMMANDS = ["run", "status", "retry", "check", "report"]
 
@@ -285,3 +287,18 @@ def test_status_formats_report_and_log_file(admin_conn: Connection, env: dict[st
     cli("report", str(tmp_path / "audit.csv"), "--db", db, env=env, check_rc=EXIT_OK)
     header, row = (tmp_path / "audit.csv").read_text().splitlines()
     assert header.startswith("run,strategy,from_store,to_store,id,") and seeded.id in row
+
+
+def test_interactive_terminal_gets_a_live_display_instead_of_step_lines(
+    admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seeded = [seed_image(admin_conn, f"cli-live-{i}", os.urandom(2 * 1024 * 1024)) for i in range(3)]
+    command = " ".join([*CLI, "run", "--from-store", "old", "--to-store", "new", "--workers", "2",
+                        "--db", str(tmp_path / "s.db"), *[f"--image {s.id}" for s in seeded]])  # fmt: skip
+    out = tmp_path / "tty.out"
+    proc = subprocess.run(["script", "-qec", command, str(out)], env={**os.environ, **env},
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == EXIT_OK, out.read_text(errors="replace")
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.read_text(errors="replace")).replace("\r", "\n")
+    assert re.search(r"images\s.*3/3", screen) and "worker-1:" in screen, screen[-2000:]
+    assert ": copy-requested: " not in screen  # the per-step log lines are for logs and pipes
