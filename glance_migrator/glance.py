@@ -183,6 +183,9 @@ class Glance:
     def _send(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> requests.Response:
         try:
             headers = {"Accept": "application/json", **kwargs.pop("headers", {})}  # else errors come as HTML
+            # keystoneauth would resend on a 503 by itself (openstacksdk asks it to, 5 times, with backoff):
+            # retrying is tenacity's job here, once, with the bounds the README states.
+            kwargs.setdefault("status_code_retries", 0)
             response = self.conn.image.request(
                 path, method, raise_exc=False, timeout=TIMEOUT, headers=headers, **kwargs
             )
@@ -309,14 +312,25 @@ class Glance:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         if store:
             headers["X-Image-Meta-Store"] = store
-        self._call("PUT", f"/images/{image_id}/file", ok=(204,), retry=False, data=data, headers=headers)
+        # A stream is consumed as it is sent: neither we nor keystoneauth (which by default resends on a
+        # 503 or a connection error) may send it twice. The caller makes a fresh copy and starts over.
+        self._call(
+            "PUT",
+            f"/images/{image_id}/file",
+            ok=(204,),
+            retry=False,
+            data=data,
+            headers=headers,
+            connect_retries=0,
+            status_code_retries=0,
+        )
 
     @contextmanager
     def download(self, image_id: str) -> Iterator[Iterator[bytes]]:
         """The image's data as a stream of chunks (verify it yourself: Glance's checksum header is md5 only)."""
         response = self._call("GET", f"/images/{image_id}/file", ok=(200,), stream=True)
         try:
-            yield response.iter_content(CHUNK)
+            yield _body(response)
         finally:
             response.close()
 
@@ -330,6 +344,14 @@ class Glance:
     def delete_from_store(self, image_id: str, store: str) -> None:
         """Delete the image's data from one store (the image and its other copies stay)."""
         self._call("DELETE", f"/stores/{store}/{image_id}", ok=(204,))
+
+
+def _body(response: requests.Response) -> Iterator[bytes]:
+    """The body's chunks; a connection that breaks while they stream is reported as Glance being unavailable."""
+    try:
+        yield from response.iter_content(CHUNK)
+    except (requests.RequestException, OSError) as e:  # ChunkedEncodingError, ConnectionError, ReadTimeout...
+        raise GlanceUnavailable(f"the transfer of image data broke: {_short(e)}") from e
 
 
 def _auth_failure(exc: BaseException) -> str:

@@ -11,7 +11,10 @@ location is added, so every hash is checked here.
 
 from __future__ import annotations
 
-from typing import Any, Final
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import requests
 
@@ -25,6 +28,10 @@ from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, has
 
 COPY_OF_PROPERTY: Final = "glance_migrator_copy_of"
 UPLOAD_ATTEMPTS: Final = 3
+TRANSFER_ATTEMPTS: Final = 3  # downloads whose connection breaks are started again this many times in all
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _locations(image: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,9 +61,26 @@ def download(ctx: StepContext, row: ImageRow) -> StepResult:
             return StepResult(f"spool file {path} from an earlier attempt is complete and verified")
         except IntegrityFailure:
             path.unlink()
-    with ctx.glance.download(row.image_id) as chunks:
-        hasher = spool.write(row, chunks)
+
+    def fetch() -> DataHasher:
+        with ctx.glance.download(row.image_id) as chunks:
+            return spool.write(row, chunks)
+
+    hasher = _transfer(ctx, "the download", fetch)
     return StepResult(f"downloaded {hasher.size} bytes to {path}; {hasher.algo} and md5 match Glance's record")
+
+
+def _transfer(ctx: StepContext, what: str, action: Callable[[], T]) -> T:
+    """A transfer of image data whose connection broke starts again from the first byte, a few times."""
+    for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+        try:
+            return action()
+        except GlanceUnavailable as e:
+            if attempt == TRANSFER_ATTEMPTS:
+                raise
+            log.warning("%s broke (%s); starting it again (%d/%d)", what, e, attempt + 1, TRANSFER_ATTEMPTS)
+            ctx.sleep(ctx.poll_interval * attempt)
+    raise AssertionError("unreachable")
 
 
 def _usable_copy(ctx: StepContext, row: ImageRow, copy: dict[str, Any]) -> bool:
@@ -83,16 +107,7 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         raise ImageFailure(f"spool file {path} is missing; `retry` downloads it again", kind="resources")
     last_error: Exception | None = None
     for _ in range(UPLOAD_ATTEMPTS):
-        copy = ctx.glance.create_image(
-            {
-                "name": f"{source.get('name') or row.image_id} (glance-migrator copy)",
-                "disk_format": source.get("disk_format"),
-                "container_format": source.get("container_format"),
-                "visibility": "private",
-                "os_hidden": True,
-                COPY_OF_PROPERTY: row.image_id,
-            }
-        )
+        copy = _create_copy_record(ctx, row, source)
         try:
             streamed = _upload(ctx, row, copy["id"])
         except (GlanceUnavailable, requests.RequestException, OSError) as e:  # broke mid-body: cannot be resent
@@ -128,6 +143,28 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         )
     assert last_error is not None
     raise last_error
+
+
+def _create_copy_record(ctx: StepContext, row: ImageRow, source: dict[str, Any]) -> dict[str, Any]:
+    """Create B (no data yet) under an id chosen here: a create whose answer was lost and was sent again
+    answers 409 for an id that exists, instead of leaving a second, orphaned copy."""
+    copy_id = str(uuid.uuid4())
+    body = {
+        "id": copy_id,
+        "name": f"{source.get('name') or row.image_id} (glance-migrator copy)",
+        "disk_format": source.get("disk_format"),
+        "container_format": source.get("container_format"),
+        "visibility": "private",
+        "os_hidden": True,
+        COPY_OF_PROPERTY: row.image_id,
+    }
+    try:
+        return ctx.glance.create_image(body)
+    except GlanceHTTPError as e:
+        existing = ctx.glance.get_image(copy_id) if e.status == 409 else None
+        if existing is None:
+            raise ImageFailure(f"Glance refused to create the copy: {e}", kind="refused") from e
+        return existing
 
 
 def _upload(ctx: StepContext, row: ImageRow, copy_id: str) -> DataHasher | None:
@@ -173,7 +210,10 @@ def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
     try:
         ctx.glance.patch(row.image_id, [{"op": "add", "path": "/locations/-", "value": value}])
     except GlanceHTTPError as e:
-        raise ImageFailure(f"Glance refused to add the location in {ctx.to_store}: {e}", kind="refused") from e
+        after = current_image(ctx, row.image_id)
+        if not any(loc["url"] == copy_location["url"] for loc in _locations(after)):
+            raise ImageFailure(f"Glance refused to add the location in {ctx.to_store}: {e}", kind="refused") from e
+        # else: an earlier attempt added it and only its answer was lost ("already exists")
     after = current_image(ctx, row.image_id)
     if not any(loc["url"] == copy_location["url"] for loc in _locations(after)):
         raise ImageFailure("Glance accepted the new location but does not list it")
@@ -242,10 +282,15 @@ def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
     stores = stores_holding(image, ctx.legacy)
     if stores != {ctx.to_store}:
         raise ImageFailure(f"final check: expected stores {{{ctx.to_store}}}, found {sorted(stores)}")
-    hasher = DataHasher(row.os_hash_algo)
-    with ctx.glance.download(row.image_id) as chunks:
-        for chunk in chunks:
-            hasher.update(chunk)
+
+    def fetch() -> DataHasher:
+        hasher = DataHasher(row.os_hash_algo)
+        with ctx.glance.download(row.image_id) as chunks:
+            for chunk in chunks:
+                hasher.update(chunk)
+        return hasher
+
+    hasher = _transfer(ctx, "the final download", fetch)
     hasher.check(row, f"final download from {ctx.to_store}")
     return StepResult(f"served from {ctx.to_store}, {hasher.size} bytes, hashes match", {"after_stores": ctx.to_store})
 
