@@ -302,3 +302,26 @@ def test_interactive_terminal_gets_a_live_display_instead_of_step_lines(
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.read_text(errors="replace")).replace("\r", "\n")
     assert re.search(r"images\s.*3/3", screen) and "worker-1:" in screen, screen[-2000:]
     assert ": copy-requested: " not in screen  # the per-step log lines are for logs and pipes
+
+
+def test_shell_completion_completes_commands() -> None:
+    script = cli("--show-completion", "bash", env={}, check_rc=EXIT_OK).stdout
+    assert "_glance_migrator_completion" in script
+    proc = cli(env={"_GLANCE_MIGRATOR_COMPLETE": "complete_bash", "COMP_WORDS": "glance-migrator re",
+                    "COMP_CWORD": "1"})  # fmt: skip
+    assert proc.stdout.split() == ["report", "retry"]
+
+
+def test_owner_and_visibility_filters_and_quiet(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
+    tag = os.urandom(4).hex()
+    public = seed_image(admin_conn, f"vis-{tag}-pub", os.urandom(100), visibility="public")
+    seed_image(admin_conn, f"vis-{tag}-priv", os.urandom(100), visibility="private")
+    owner = public.before["owner"]
+    proc = cli("-q", "run", "--from-store", "old", "--to-store", "new", "--name", f"vis-{tag}-*", "--visibility",
+               "public", "--owner", owner, "--db", str(tmp_path / "s.db"), env=env, check_rc=EXIT_OK)  # fmt: skip
+    assert proc.stderr == ""  # -q: nothing but warnings and errors
+    doc = json.loads(cli("status", "--json", "--db", str(tmp_path / "s.db"), env=env, check_rc=EXIT_OK).stdout)
+    assert [img["id"] for img in doc["images"]] == [public.id]
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--name", f"vis-{tag}-*", "--owner", "nobody",
+               "--dry-run", env=env, check_rc=EXIT_OK)  # fmt: skip
+    assert proc.stdout.splitlines()[-1].startswith("no image;")
