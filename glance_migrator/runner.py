@@ -44,7 +44,6 @@ class Runner:
         run: Run,
         workers: int = 1,
         progress: ProgressSink | None = None,
-        **ctx_options: float,
     ) -> None:
         self.db = db
         self.glance = glance
@@ -53,7 +52,6 @@ class Runner:
         self.owner = LeaseOwner.me()
         self.stop = threading.Event()  # set on Ctrl-C or on a fatal error: take no new step
         self.fatal: MigratorError | None = None
-        self._ctx_options = ctx_options
         self._waiting_logged = False
         self._lock = threading.Lock()
         self.progress = progress
@@ -143,7 +141,6 @@ class Runner:
             self.stop,
             spool=spool,
             legacy=self.legacy,
-            **self._ctx_options,
         )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"
