@@ -258,7 +258,7 @@ def status(
     Example: glance-migrator status --json | jq '.images[] | select(.state=="failed")'
     Example: glance-migrator status -f csv -c id -c state -c error
     """
-    state_db = StateDB.open(db)
+    state_db = StateDB.open(db, readonly=True)
     fmt = render.Format.JSON if as_json else fmt
     while True:
         rep = commands.report(state_db, run_id)
@@ -283,7 +283,7 @@ def report(
 
     Example: glance-migrator report migration-audit.csv
     """
-    records = commands.audit(StateDB.open(db), run_id)
+    records = commands.audit(StateDB.open(db, readonly=True), run_id)
     try:
         render.write_audit(records, output)
     except OSError as e:

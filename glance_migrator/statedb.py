@@ -7,6 +7,7 @@ and a lease claim (select a free image, then mark it ours) is atomic between pro
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -32,6 +33,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from glance_migrator.errors import BusyError, StateDBError, UsageError
 from glance_migrator.models import Event, ImageRow, Run, utcnow
 from glance_migrator.state import RETRYABLE, TERMINAL, State, Strategy, check_transition, retry_state
+
+log = logging.getLogger(__name__)
 
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 30_000
@@ -91,20 +94,49 @@ class LeaseLost(Exception):
 
 
 class StateDB:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, readonly: bool = False) -> None:
         self.url = url
-        self.engine = _make_engine(url)
+        self.engine = _make_engine(url, readonly)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
-    def open(cls, db: str | None) -> StateDB:
-        """Open (creating if needed) and upgrade the state DB; refuse a corrupt or newer one."""
+    def open(cls, db: str | None, readonly: bool = False) -> StateDB:
+        """Open (creating if needed) and upgrade the state DB; refuse a corrupt or newer one.
+
+        `readonly` (status, report): a DB on read-only media, which SQLite cannot open in WAL mode
+        (it writes its -wal and -shm files beside it), is read as an immutable file instead.
+        """
         url = db_url(db)
-        if url.startswith("sqlite:///"):
-            _check_sqlite_file(Path(url.removeprefix("sqlite:///")))
-        self = cls(url)
-        self._upgrade()
+        path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+        if path is not None:
+            _check_sqlite_file(path)
+        try:
+            self = cls(url)
+            self._upgrade()
+        except StateDBError as e:
+            if not (readonly and path is not None and path.exists() and "unable to open" in str(e)):
+                if path is not None and "unable to open" in str(e):
+                    raise StateDBError(f"{e} (glance-migrator writes beside it: is the directory read-only?)") from e
+                raise
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                log.warning(
+                    "reading %s without its -wal journal (read-only directory): the latest steps may be missing", path
+                )
+            self = cls(f"sqlite:///file:{path}?mode=ro&immutable=1&uri=true", readonly=True)
+            self._check_current()
         return self
+
+    def _check_current(self) -> None:
+        """For a DB that cannot be upgraded (read-only): its schema must already be this tool's."""
+        with _db_errors(self.url), as_file(files("glance_migrator_migrations")) as script_dir:
+            config = Config()
+            config.set_main_option("script_location", str(script_dir))
+            head = ScriptDirectory.from_config(config).get_current_head()
+            with self.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_heads()
+            if current != (head,):
+                raise StateDBError(f"state DB {self.url} is read-only and at schema {current}, not {head}")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -352,9 +384,11 @@ def _lease_free(row: ImageRow, now: datetime) -> bool:
     return holder is not None and holder.is_dead()
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, readonly: bool = False) -> Engine:
     if not url.startswith("sqlite"):
         return sa.create_engine(url)
+    if readonly:  # an immutable file: no WAL, no locks, no writes
+        return sa.create_engine(url, connect_args={"check_same_thread": False})
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
 
     @sa_event.listens_for(engine, "connect")

@@ -93,3 +93,22 @@ def test_built_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert "glance_migrator_migrations/env.py" in names
     assert "glance_migrator_migrations/script.py.mako" in names
     assert "glance_migrator_migrations/versions/0001_initial.py" in names
+
+
+def test_status_reads_a_db_on_read_only_media_and_a_run_refuses_it_clearly(tmp_path: Path) -> None:
+    """SQLite in WAL mode writes -wal/-shm files beside the DB: on a read-only mount, status still works."""
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    StateDB.open(str(rw / "state.db")).close()
+    mounted = subprocess.run(["mount", "--bind", str(rw), str(ro)], capture_output=True)
+    assert mounted.returncode == 0, f"this test needs root to bind-mount: {mounted.stderr!r}"
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        db = StateDB.open(str(ro / "state.db"), readonly=True)
+        assert db.counts(1) == {}
+        db.close()
+        with pytest.raises(StateDBError, match="is the directory read-only"):
+            StateDB.open(str(ro / "state.db"))
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
