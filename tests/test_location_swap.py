@@ -285,3 +285,27 @@ def test_an_image_that_cannot_fit_in_the_spool_fails_with_the_reason_and_changes
         assert list(spool.iterdir()) == []
     finally:
         subprocess.run(["umount", str(spool)], check=True)
+
+
+def test_glance_restarted_in_the_middle_of_a_run(
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A server fault: glance-api goes away mid-transfer and comes back; the run rides it out or stops
+    resumably (exit 3), and resuming ends with every image swapped and nothing extra left."""
+    images = [seed_image(conn, f"restart-{i}", os.urandom((40 if i < 2 else 1) * MiB)) for i in range(5)]
+    db, log, spool = tmp_path / "state.db", tmp_path / "runner.log", tmp_path / "spool"
+    common = ["--db", str(db), "--spool-dir", str(spool)]
+    proc = cli_popen("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap",
+                     *_select(images), *common, env=env, log=log)  # fmt: skip
+    assert wait_for(lambda: _reached(db, "downloaded") >= 1 or proc.poll() is not None, timeout=120)
+    assert proc.poll() is None, log.read_text()
+    full_lab.restart_glance()
+    rc = proc.wait(timeout=300)
+    assert rc in (EXIT_OK, EXIT_CLOUD), log.read_text()
+    assert "Traceback" not in log.read_text()
+    if rc == EXIT_CLOUD:
+        assert "progress is saved" in log.read_text()
+        done = cli("run", "--resume", *common, env=env)
+        assert done.returncode == EXIT_OK, done.stderr
+    for seeded in images:
+        assert_swapped(conn, full_lab, seeded, "old", "s3")
