@@ -6,13 +6,14 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_STATE_DB
 from tests.glancetools import (
     Seeded,
     assert_migrated,
@@ -372,3 +373,34 @@ def test_copy_image_of_a_corrupted_source_is_an_integrity_failure_and_removes_no
     (row,) = status_json(db, env)["images"]
     assert row["state"] == "failed" and row["error_kind"] == "integrity", row
     assert stores_of(admin_conn, seeded.id) == {"old"} and path.read_bytes() == bytes(data)
+
+
+def test_state_db_disk_full_stops_cleanly_and_changes_nothing(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seeded = seed_image(admin_conn, "disk-full", os.urandom(MiB))
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr!r}"
+    try:
+        db = small / "state.db"
+        cli("status", "--db", str(db), env=env)  # creates the (empty, current) DB
+        filler = small / "filler"
+        with filler.open("wb") as f:  # fill the disk to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=env)
+        assert proc.returncode == EXIT_STATE_DB, proc.stderr
+        assert "full" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert stores_of(admin_conn, seeded.id) == {"old"}  # nothing happened in Glance
+        filler.unlink()
+        cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=env,
+            check_rc=EXIT_OK)  # fmt: skip
+        assert_migrated(admin_conn, lab, seeded, "old", "new")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
