@@ -83,6 +83,10 @@ def run_migration(
             "continue it with `glance-migrator run --resume`"
         )
     else:
+        if resume and not from_store and not to_store and db.has_runs():
+            latest = db.get_run()  # a resume after the run ended (a kill just after it finished, say)
+            log.info("run %d is already complete; nothing to resume", latest.id)
+            return report(db, latest.id)
         if not from_store or not to_store:
             raise UsageError(
                 "nothing to resume; start a run with --from-store OLD --to-store NEW"

@@ -214,6 +214,10 @@ class StateDB:
             raise UsageError(f"no run {run_id} in the state DB" if run_id else "the state DB holds no run yet")
         return run
 
+    def has_runs(self) -> bool:
+        with self.session() as s:
+            return s.scalars(sa.select(Run.id).limit(1)).first() is not None
+
     def unfinished_run(self) -> Run | None:
         with self.session() as s:
             return s.scalars(sa.select(Run).where(Run.finished_at.is_(None)).order_by(Run.id.desc())).first()

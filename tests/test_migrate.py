@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -404,3 +405,46 @@ def test_state_db_disk_full_stops_cleanly_and_changes_nothing(
         assert_migrated(admin_conn, lab, seeded, "old", "new")
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _has_run(db: Path) -> bool:
+    if not db.exists():
+        return False
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        try:
+            return bool(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
+        except sqlite3.OperationalError:  # the schema is not there yet
+            return False
+
+
+def test_crash_loop_random_kills_until_done(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    """~30 images of mixed sizes; the runner is SIGKILLed at random moments, dozens of times, each time
+    followed by `run --resume`, until the run completes: every image must end migrated, nothing lost."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    demo = admin_conn.identity.find_project("demo").id
+    images = [seed_image(admin_conn, f"loop-big-{i}", os.urandom(40 * MiB)) for i in range(4)]
+    images += _mixed_images(admin_conn, demo, "loop", count=26)
+    db, log = tmp_path / "state.db", tmp_path / "runner.log"
+    start = ["--from-store", "old", "--to-store", "new", *[a for s in images for a in ("--image", s.id)]]
+    kills, rc = 0, None
+    for _ in range(40):
+        started = event_count(db) > 0 or _has_run(db)  # a kill during discovery leaves no run: start again
+        proc = cli_popen("run", *(["--resume"] if started else start), "--db", str(db), "--workers", "3",
+                         env=env, log=log)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=rng.uniform(0.4, 1.6))  # start-up alone takes ~0.7 s
+            break  # finished before this kill
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 10, f"seed {seed}: only {kills} kills"
+    final = cli("run", "--resume", "--db", str(db), env=env)  # finishes the run, or finds it complete
+    assert final.returncode == EXIT_OK, f"seed {seed}, {kills} kills, last rc {rc}; see {log}\n{final.stderr}"
+    for seeded in images:
+        assert_migrated(admin_conn, lab, seeded, "old", "new")
+    doc = status_json(db, env)
+    assert doc["run"]["complete"] and doc["counts"]["done"] == len(images), f"seed {seed}"
