@@ -83,7 +83,8 @@ class HashingReader:
 
     def __init__(self, chunks: Iterator[bytes], size: int, algo: str | None) -> None:
         self._chunks = chunks
-        self._buffer = b""
+        self._chunk = memoryview(b"")
+        self._pos = 0  # an offset into the current chunk: the HTTP client reads 16 KiB at a time
         self._size = size
         self.hasher = DataHasher(algo)
 
@@ -91,13 +92,15 @@ class HashingReader:
         return self._size
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buffer) < n:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                break
-            self.hasher.update(chunk)
-            self._buffer += chunk
-        if n < 0:
-            n = len(self._buffer)
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            if self._pos >= len(self._chunk):
+                chunk = next(self._chunks, b"")
+                if not chunk:
+                    break
+                self.hasher.update(chunk)
+                self._chunk, self._pos = memoryview(chunk), 0
+            take = len(self._chunk) - self._pos if n < 0 else min(n - len(out), len(self._chunk) - self._pos)
+            out += self._chunk[self._pos : self._pos + take]
+            self._pos += take
+        return bytes(out)

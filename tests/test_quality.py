@@ -16,11 +16,11 @@ def _run(*argv: str) -> None:
 
 
 def test_ruff_lint() -> None:
-    _run(str(BIN / "ruff"), "check", "glance_migrator", "migrations", "tests")
+    _run(str(BIN / "ruff"), "check", "glance_migrator", "migrations", "tests", "benchmarks")
 
 
 def test_ruff_format() -> None:
-    _run(str(BIN / "ruff"), "format", "--check", "glance_migrator", "migrations", "tests")
+    _run(str(BIN / "ruff"), "format", "--check", "glance_migrator", "migrations", "tests", "benchmarks")
 
 
 def test_mypy_strict() -> None:

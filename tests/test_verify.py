@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 
 from glance_migrator.errors import IntegrityFailure
 from glance_migrator.glance import redact
 from glance_migrator.models import ImageRow
+from glance_migrator.spool import HashingReader
 from glance_migrator.verify import check_unchanged, has_fingerprint
 
 RECORD = {"size": 10, "checksum": "a" * 32, "os_hash_algo": "sha512", "os_hash_value": "b" * 128}
@@ -40,3 +44,16 @@ def test_credentials_in_location_urls_are_redacted() -> None:
         redact(text)
         == "Invalid location: s3://***@127.0.0.1:8333/glance/x, swift+https://***@h/v1, rbd://fsid/images/x/snap"
     )
+
+
+@pytest.mark.parametrize("read_size", [1, 7, 16384, 100_000, -1])
+def test_hashing_reader_yields_every_byte_once_and_hashes_them(read_size: int) -> None:
+    data = os.urandom(3_000_017)
+    chunks = iter([data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)])
+    reader = HashingReader(chunks, len(data), "sha512")
+    out = bytearray()
+    while piece := reader.read(read_size):
+        out += piece
+    assert bytes(out) == data and len(reader) == len(data)
+    assert reader.hasher.multihash.hexdigest() == hashlib.sha512(data).hexdigest()
+    assert reader.hasher.md5.hexdigest() == hashlib.md5(data, usedforsecurity=False).hexdigest()

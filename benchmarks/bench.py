@@ -1,0 +1,258 @@
+"""Throughput and memory of a location-swap migration (file store -> S3), against a plain streamed copy.
+
+    .venv/bin/python -m benchmarks.bench [--sizes 64,256,1024] [--out benchmarks/results.md]
+
+Starts its own lab (Keystone + Glance with stores `old` (file) and `s3` (SeaweedFS)) in a temporary
+directory and, for each size, seeds images of random data into `old` and measures, each as a separate
+process (wall time, and peak RSS from wait4()):
+- baseline: benchmarks/_plain_copy.py, GET the image's data and PUT it into a new image in `s3`, streamed
+  with requests, no hashing;
+- glance-migrator run --strategy location-swap --no-spool, then with --spool-dir, each on a fresh image.
+The tool's run also does its checks and a final hashed download (step `done`); the time of the copy alone
+(pending -> created: download, upload, verification of the copy) is read from its state DB's events.
+A measurement, not a test: nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.glancetools import CLI
+from tests.lab import DEFAULT_STORES, S3_STORE, Lab
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+STORES = (DEFAULT_STORES[0], S3_STORE)  # old (file, default) and s3 (SeaweedFS)
+FROM, TO = "old", "s3"
+
+
+@dataclass
+class Measure:
+    size_mib: int
+    variant: str
+    wall: float  # seconds, the whole process
+    rss_kib: int  # peak RSS of the process
+    copy: float | None = None  # seconds of the copy alone
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+class RandomData:
+    """S MiB of random bytes as a file-like object with a length: uploaded without being held in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.left = size, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left, MIB)
+        self.left -= n
+        return os.urandom(n)
+
+
+def seed(conn: Any, name: str, size: int) -> str:
+    body = {"name": name, "disk_format": "raw", "container_format": "bare", "visibility": "private"}
+    resp = conn.image.post("/images", json=body)
+    if resp.status_code != 201:
+        raise RuntimeError(f"create {name}: HTTP {resp.status_code} {resp.text[:300]}")
+    image_id = str(resp.json()["id"])
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    resp = conn.image.put(f"/images/{image_id}/file", data=RandomData(size), headers=headers)
+    image = conn.image.get(f"/images/{image_id}").json()
+    if resp.status_code != 204 or image.get("status") != "active" or image.get("size") != size:
+        raise RuntimeError(f"seed {name}: HTTP {resp.status_code}, image {image.get('status')} {image.get('size')}")
+    return image_id
+
+
+def measured(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, int, int]:
+    """Run argv; its wall time, peak RSS (KiB) and exit code. wait4() gives this child's own peak;
+    getrusage(RUSAGE_CHILDREN) would be the largest of all children so far."""
+    with log.open("wb") as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss, proc.returncode
+
+
+def step_times(db: Path, image_id: str) -> dict[str, float]:
+    """Seconds spent reaching each state, from the events the tool recorded (its own clock)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT to_state, at FROM events WHERE image_id = ? ORDER BY id", (image_id,)).fetchall()
+    times: dict[str, float] = {}
+    previous: dt.datetime | None = None
+    for state, at in rows:
+        now = dt.datetime.fromisoformat(at)
+        if previous is not None:
+            times[state] = (now - previous).total_seconds()
+        previous = now
+    return times
+
+
+def run_baseline(lab: Lab, conn: Any, image_id: str, size_mib: int, work: Path) -> Measure:
+    env = {**os.environ, "BENCH_TOKEN": conn.session.get_token()}
+    argv = [sys.executable, str(HERE / "_plain_copy.py"), lab.glance_url, image_id, str(size_mib * MIB), TO]
+    log = work / f"baseline-{size_mib}.log"
+    wall, rss, rc = measured(argv, env, log)
+    if rc:
+        raise RuntimeError(f"baseline failed (rc={rc}):\n{log.read_text()[-2000:]}")
+    result = json.loads(log.read_text().strip().splitlines()[-1])
+    return Measure(size_mib, "baseline: plain streamed copy", wall, rss, copy=result["copy_seconds"])
+
+
+def run_tool(lab: Lab, image_id: str, size_mib: int, work: Path, spool: bool) -> Measure:
+    name = "spool" if spool else "no-spool"
+    db = work / f"state-{size_mib}-{name}.db"
+    spool_args = ["--spool-dir", str(work / "spool")] if spool else ["--no-spool"]
+    argv = [*CLI, "run", "--from-store", FROM, "--to-store", TO, "--strategy", "location-swap", *spool_args]
+    argv += ["--image", image_id, "--db", str(db)]
+    log = work / f"tool-{size_mib}-{name}.log"
+    wall, rss, rc = measured(argv, {**os.environ, **lab.env()}, log)
+    if rc:
+        raise RuntimeError(f"glance-migrator failed (rc={rc}):\n{log.read_text()[-3000:]}")
+    steps = step_times(db, image_id)
+    # the copy: download (to the spool, or streamed) + upload of the copy + its verification
+    copy = steps.get("downloaded", 0.0) + steps.get("created", 0.0)
+    variant = "glance-migrator --spool-dir" if spool else "glance-migrator --no-spool"
+    return Measure(size_mib, variant, wall, rss, copy=copy, steps=steps)
+
+
+def floor_rss(lab: Lab, work: Path) -> int:
+    """Peak RSS of a glance-migrator command that moves no data (imports, state DB): the tool's floor."""
+    _, rss, _ = measured(
+        [*CLI, "status", "--db", str(work / "floor.db")], {**os.environ, **lab.env()}, work / "floor.log"
+    )
+    return rss
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def report(
+    results: list[Measure], floor_kib: int, sizes: list[int], started: dt.datetime, total: float, load: list[str]
+) -> str:
+    base = {m.size_mib: m for m in results if m.variant.startswith("baseline")}
+    lines = [
+        "# glance-migrator benchmark: location-swap, file store -> S3 (SeaweedFS), one image",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; whole benchmark {total:.0f} s",
+        f"- machine: {len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), "
+        f"{_mem_gib():.0f} GiB RAM, Python {platform.python_version()}, {platform.system()} {platform.release()}",
+        "- services on loopback: Keystone 30, Glance 33 (uWSGI), SeaweedFS 4.48, all on the same CPUs as the copy",
+        f"- 1-min load average before the lab started, then after each size: {' / '.join(load)} "
+        "(anything else busy on the machine skews the ratios)",
+        "- command: `.venv/bin/python -m benchmarks.bench --sizes " + ",".join(map(str, sizes)) + "`",
+        "",
+        "wall = the whole process (start-up, auth, create, copy; for the tool also discovery, checks, the",
+        "location swap and the final hashed download). copy = the transfer alone: for the baseline timed",
+        "inside it (GET -> PUT done), for the tool pending -> created from its state DB (download, spool",
+        "file if any, upload of the copy, hash checks). Ratios are tool / baseline of the same size.",
+        "MiB/s = size / seconds. RSS = peak resident set of the process (wait4).",
+        "",
+        "| size MiB | variant | wall s | wall MiB/s | copy s | copy MiB/s | wall ratio | copy ratio "
+        "| peak RSS MiB | RSS ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in results:
+        b = base[m.size_mib]
+        copy = m.copy or 0.0
+        lines.append(
+            f"| {m.size_mib} | {m.variant} | {m.wall:.2f} | {m.size_mib / m.wall:.0f} | {copy:.2f} | "
+            f"{m.size_mib / copy if copy else 0:.0f} | {m.wall / b.wall:.2f} | {copy / b.copy if b.copy else 0:.2f} | "
+            f"{m.rss_kib / 1024:.1f} | {m.rss_kib / b.rss_kib:.2f} |"
+        )
+    lines += ["", "Steps of the tool's runs (seconds to reach each state, from its state DB):", ""]
+    for m in results:
+        if m.steps:
+            lines.append(f"- {m.size_mib} MiB {m.variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.steps.items()))
+    lines += ["", "Memory across sizes (peak RSS, largest size vs smallest):", ""]
+    for variant in dict.fromkeys(m.variant for m in results):
+        rss = {m.size_mib: m.rss_kib for m in results if m.variant == variant}
+        lo, hi = rss[min(rss)], rss[max(rss)]
+        spread = max(rss.values()) / min(rss.values())
+        lines.append(
+            f"- {variant}: {lo / 1024:.1f} MiB at {min(rss)} MiB -> {hi / 1024:.1f} MiB at {max(rss)} MiB "
+            f"(max/min over sizes {spread:.3f}, {(hi - lo) / 1024:+.1f} MiB for {max(rss) / min(rss):.0f}x the data): "
+            f"{'flat' if spread < 1.10 else 'GROWS with the image size'}"
+        )
+    lines.append(
+        "- for scale: `glance-migrator status` (imports and state DB, no data moved) peaks at "
+        f"{floor_kib / 1024:.1f} MiB"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _mem_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="64,256,1024", help="image sizes in MiB, comma-separated")
+    parser.add_argument("--out", type=Path, default=HERE / "results.md", help="Markdown report")
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="glance-migrator-bench-"))
+    lab = Lab(root / "lab", stores=STORES)
+    results: list[Measure] = []
+    load = [_load()]
+    try:
+        print(f"bench: starting the lab in {root}", file=sys.stderr)
+        lab.start()
+        conn = lab.connect()
+        floor = floor_rss(lab, root)
+        for size_mib in sizes:
+            size = size_mib * MIB
+            print(f"bench: {size_mib} MiB: seeding", file=sys.stderr)
+            first = seed(conn, f"bench-{size_mib}-a", size)
+            results.append(run_baseline(lab, conn, first, size_mib, root))
+            print(f"bench: {size_mib} MiB: baseline {results[-1].wall:.1f} s", file=sys.stderr)
+            results.append(run_tool(lab, first, size_mib, root, spool=False))
+            print(f"bench: {size_mib} MiB: --no-spool {results[-1].wall:.1f} s", file=sys.stderr)
+            second = seed(conn, f"bench-{size_mib}-b", size)
+            results.append(run_tool(lab, second, size_mib, root, spool=True))
+            print(f"bench: {size_mib} MiB: --spool-dir {results[-1].wall:.1f} s", file=sys.stderr)
+            load.append(_load())
+    finally:
+        lab.stop()
+        left = lab.running_services()
+        if left:
+            print(f"bench: lab services still running: {left}; lab kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    text = report(results, floor, sizes, started, time.monotonic() - t0, load)
+    args.out.write_text(text)
+    print(text)
+    print(f"bench: written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
