@@ -14,6 +14,7 @@ import yaml
 from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -22,6 +23,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 
@@ -52,15 +54,16 @@ def print_plan(the_plan: Plan) -> None:
     print(f"{summary}; {the_plan.bytes_to_move()} bytes to move. Nothing was changed (dry run).")
 
 
-class _TotalsOnly(ProgressColumn):
-    """A column drawn for the totals (images, bytes) and left blank on the workers' lines."""
+class _Only(ProgressColumn):
+    """A column drawn only on the lines of one kind ("images", "bytes"); blank elsewhere (workers)."""
 
-    def __init__(self, column: ProgressColumn) -> None:
+    def __init__(self, column: ProgressColumn, *kinds: str) -> None:
         super().__init__()
         self.column = column
+        self.kinds = kinds
 
     def render(self, task: Task) -> RenderableType:
-        return "" if task.fields.get("worker") else self.column.render(task)
+        return self.column.render(task) if task.fields.get("kind") in self.kinds else ""
 
 
 class LiveProgress:
@@ -69,11 +72,16 @@ class LiveProgress:
     def __init__(self) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"),
-            *(_TotalsOnly(c) for c in (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())),
+            _Only(BarColumn(), "images", "bytes"),
+            _Only(MofNCompleteColumn(), "images"),
+            _Only(DownloadColumn(binary_units=True), "bytes"),
+            _Only(TransferSpeedColumn(), "bytes"),
+            _Only(TimeElapsedColumn(), "images"),
+            _Only(TimeRemainingColumn(), "bytes"),
             console=Console(stderr=True),
         )
-        self._images = self.progress.add_task("images", total=None)
-        self._bytes = self.progress.add_task("bytes ", total=None)
+        self._images = self.progress.add_task("images", total=None, kind="images")
+        self._bytes = self.progress.add_task("bytes ", total=None, kind="bytes")
         self._workers: dict[str, TaskID] = {}
         self._finished: set[str] = set()
         self._lock = threading.Lock()
@@ -96,7 +104,7 @@ class LiveProgress:
     def update(self, worker: str, row: ImageRow | None) -> None:
         with self._lock:
             if worker not in self._workers:
-                self._workers[worker] = self.progress.add_task(worker, total=None, start=False, worker=True)
+                self._workers[worker] = self.progress.add_task(worker, total=None, start=False, kind="worker")
             text = f"{worker}: idle" if row is None else f"{worker}: {row.name or row.image_id} -> {row.state}"
             self.progress.update(self._workers[worker], description=text)
             if row is not None and row.state in TERMINAL and row.image_id not in self._finished:
