@@ -129,9 +129,7 @@ class StateDB:
 
     def _check_current(self) -> None:
         """For a DB that cannot be upgraded (read-only): its schema must already be this tool's."""
-        with _db_errors(self.url), as_file(files("glance_migrator_migrations")) as script_dir:
-            config = Config()
-            config.set_main_option("script_location", str(script_dir))
+        with _db_errors(self.url), _alembic_config() as config:
             head = ScriptDirectory.from_config(config).get_current_head()
             with self.engine.connect() as conn:
                 current = MigrationContext.configure(conn).get_current_heads()
@@ -144,9 +142,7 @@ class StateDB:
     # -- schema ------------------------------------------------------------------------------------
 
     def _upgrade(self) -> None:
-        with _db_errors(self.url), as_file(files("glance_migrator_migrations")) as script_dir:
-            config = Config()
-            config.set_main_option("script_location", str(script_dir))
+        with _db_errors(self.url), _alembic_config() as config:
             scripts = ScriptDirectory.from_config(config)
             with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one upgrader at a time
                 current = MigrationContext.configure(conn).get_current_heads()
@@ -379,6 +375,15 @@ class StateDB:
                 .where(ImageRow.run_id == run_id, ImageRow.image_id == image_id)
                 .values(attempts=ImageRow.attempts + 1)
             )
+
+
+@contextmanager
+def _alembic_config() -> Iterator[Config]:
+    """Alembic's config for the migrations shipped in the wheel (package glance_migrator_migrations)."""
+    with as_file(files("glance_migrator_migrations")) as script_dir:
+        config = Config()
+        config.set_main_option("script_location", str(script_dir))
+        yield config
 
 
 def _lease_free(row: ImageRow, now: datetime) -> bool:

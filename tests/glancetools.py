@@ -188,15 +188,21 @@ def cli_popen(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[by
     )
 
 
-def event_count(db: Path) -> int:
-    """Transitions recorded so far, read the way an outsider would (plain sqlite3, WAL-aware)."""
+def count_in_db(db: Path, query: str, *params: Any) -> int:
+    """A `SELECT count(*)` on the state DB, read the way an outsider would (plain sqlite3, WAL-aware);
+    0 while the DB or its schema does not exist yet."""
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("SELECT count(*) FROM events WHERE from_state IS NOT NULL").fetchone()[0])
+            return int(conn.execute(query, params).fetchone()[0])
     except sqlite3.OperationalError:
         return 0
+
+
+def event_count(db: Path) -> int:
+    """Transitions recorded so far."""
+    return count_in_db(db, "SELECT count(*) FROM events WHERE from_state IS NOT NULL")
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:

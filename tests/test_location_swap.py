@@ -20,6 +20,7 @@ from tests.glancetools import (
     cli,
     cli_popen,
     copies_of,
+    count_in_db,
     download_sha512,
     raw_image,
     seed_image,
@@ -79,14 +80,8 @@ def test_location_swap_moves_a_dozen_images(
 
 
 def _reached(db: Path, state: str) -> int:
-    """How many images have reached `state` so far, read from the event log as an outsider would."""
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
-            return int(c.execute("SELECT count(*) FROM events WHERE to_state = ?", (state,)).fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
+    """How many images have reached `state` so far, read from the event log."""
+    return count_in_db(db, "SELECT count(*) FROM events WHERE to_state = ?", state)
 
 
 @pytest.mark.parametrize("target", TARGETS)

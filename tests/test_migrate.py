@@ -20,6 +20,7 @@ from tests.glancetools import (
     assert_migrated,
     cli,
     cli_popen,
+    count_in_db,
     delete_all_images,
     event_count,
     raw_image,
@@ -408,13 +409,7 @@ def test_state_db_disk_full_stops_cleanly_and_changes_nothing(
 
 
 def _has_run(db: Path) -> bool:
-    if not db.exists():
-        return False
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        try:
-            return bool(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
-        except sqlite3.OperationalError:  # the schema is not there yet
-            return False
+    return count_in_db(db, "SELECT count(*) FROM runs") > 0
 
 
 def test_crash_loop_random_kills_until_done(
