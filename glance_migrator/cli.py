@@ -332,3 +332,7 @@ def main() -> None:
     except MigratorError as e:
         typer.echo(f"glance-migrator: error: {e}", err=True)
         sys.exit(e.exit_code)
+    finally:
+        # The outcome is recorded and the exit code chosen: a late Ctrl-C (a double press) must not turn
+        # it into a death by SIGINT, which Python's shutdown would allow once it resets the handlers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
