@@ -18,7 +18,7 @@ import typer
 from glance_migrator import __version__, commands, render
 from glance_migrator.discovery import Filters, Order
 from glance_migrator.errors import Aborted, MigratorError, UsageError
-from glance_migrator.glance import Glance
+from glance_migrator.glance import READ_TIMEOUT, Glance
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
 from glance_migrator.statedb import StateDB, default_db_path
@@ -39,6 +39,15 @@ DbOption = Annotated[
 CloudOption = Annotated[
     str | None,
     typer.Option("--os-cloud", help="Cloud name in clouds.yaml (default: OS_CLOUD, or the OS_* variables)."),
+]
+TimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        min=1,
+        envvar="GLANCE_MIGRATOR_TIMEOUT",
+        help="Seconds to wait for an answer (or the next bytes of one) from Glance before the request is retried.",
+    ),
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Images migrated at the same time.")]
 RunIdOption = Annotated[int | None, typer.Option("--run", help="Run id (default: the latest run).")]
@@ -170,6 +179,7 @@ def run(
     workers: WorkersOption = 1,
     db: DbOption = None,
     os_cloud: CloudOption = None,
+    timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Discover images and migrate them; --resume continues after a crash or Ctrl-C.
 
@@ -190,7 +200,7 @@ def run(
         if resume:
             raise UsageError("--dry-run plans a new run; it cannot be combined with --resume")
         the_plan = commands.plan(
-            lambda: Glance.connect(os_cloud),
+            lambda: Glance.connect(os_cloud, timeout),
             from_store=from_store,
             to_store=to_store,
             image_ids=image or [],
@@ -203,7 +213,7 @@ def run(
     with _live_progress() as live:
         rep = commands.run_migration(
             state,
-            lambda: Glance.connect(os_cloud),
+            lambda: Glance.connect(os_cloud, timeout),
             from_store=from_store,
             to_store=to_store,
             image_ids=image or [],
@@ -225,6 +235,7 @@ def check(
     to_store: Annotated[str | None, typer.Option("--to-store", help="Glance store the data would move to.")] = None,
     spool_dir: Annotated[Path | None, typer.Option("--spool-dir", help="Where location-swap would spool.")] = None,
     os_cloud: CloudOption = None,
+    timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Ask the cloud what it can do, and say which strategy `run` would use; changes nothing.
 
@@ -232,7 +243,7 @@ def check(
 
     Example: glance-migrator check --from-store file --to-store ceph
     """
-    findings = commands.check_cloud(lambda: Glance.connect(os_cloud), from_store, to_store, spool_dir)
+    findings = commands.check_cloud(lambda: Glance.connect(os_cloud, timeout), from_store, to_store, spool_dir)
     render.print_findings(findings)
     raise typer.Exit(render.findings_exit_code(findings))
 
@@ -302,6 +313,7 @@ def retry(
     workers: WorkersOption = 1,
     db: DbOption = None,
     os_cloud: CloudOption = None,
+    timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Re-queue failed images from the step where they failed, then migrate them.
 
@@ -309,7 +321,7 @@ def retry(
     """
     rep = commands.retry(
         StateDB.open(db),
-        lambda: Glance.connect(os_cloud),
+        lambda: Glance.connect(os_cloud, timeout),
         image or [],
         all_failed=all_failed,
         run_id=run_id,

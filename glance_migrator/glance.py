@@ -38,7 +38,8 @@ RETRY_WAIT_FIRST: Final = 0.5  # seconds; doubles on each attempt ...
 RETRY_WAIT_MAX: Final = 15.0  # ... up to this, so a burst of ~30 s of trouble is ridden out
 PAGE_SIZE: Final = 200
 CHUNK: Final = 1 << 20  # bytes per read when streaming image data
-TIMEOUT: Final = (10, 300)  # connect, read: a store delete or a large listing can take minutes
+CONNECT_TIMEOUT: Final = 10.0
+READ_TIMEOUT: Final = 300.0  # default wait for an answer or the next body bytes: a store delete can take minutes
 ADMIN_ROLES: Final = frozenset({"admin"})
 
 
@@ -154,12 +155,15 @@ def importing_stores(image: dict[str, Any]) -> set[str]:
 
 
 class Glance:
-    def __init__(self, conn: openstack.connection.Connection, cloud: str | None = None) -> None:
+    def __init__(
+        self, conn: openstack.connection.Connection, cloud: str | None = None, read_timeout: float = READ_TIMEOUT
+    ) -> None:
         self.conn = conn
         self.cloud = cloud
+        self.timeout = (CONNECT_TIMEOUT, read_timeout)  # a silent Glance is given up on, then retried
 
     @classmethod
-    def connect(cls, cloud: str | None) -> Glance:
+    def connect(cls, cloud: str | None, read_timeout: float = READ_TIMEOUT) -> Glance:
         """Connect like the openstack CLI (--os-cloud, OS_CLOUD, clouds.yaml, OS_* variables) and authenticate."""
         try:
             conn = openstack.connect(cloud=cloud)  # OS_CLIENT_CONFIG_FILE, clouds.yaml, OS_*: like the CLI
@@ -168,7 +172,7 @@ class Glance:
             raise CloudError(f"cloud configuration: {e}") from e
         except (ksa_exc.ClientException, sdk_exc.SDKException, requests.RequestException) as e:
             raise CloudError(_auth_failure(e)) from e
-        return cls(conn, cloud or getattr(conn.config, "name", None))
+        return cls(conn, cloud or getattr(conn.config, "name", None), read_timeout)
 
     def roles(self) -> set[str]:
         auth = self.conn.session.auth
@@ -187,7 +191,7 @@ class Glance:
             # retrying is tenacity's job here, once, with the bounds the README states.
             kwargs.setdefault("status_code_retries", 0)
             response = self.conn.image.request(
-                path, method, raise_exc=False, timeout=TIMEOUT, headers=headers, **kwargs
+                path, method, raise_exc=False, timeout=self.timeout, headers=headers, **kwargs
             )
         except ksa_exc.EndpointNotFound as e:
             raise CloudError(f"the cloud's catalog has no image (Glance) endpoint: {e}") from e
