@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.invariants import Invariants
 from tests.lab import CEPH_APT_COMMAND, FULL_STORES, Lab, missing_ceph_packages
 
 _LABS = pytest.StashKey[dict[str, Lab]]()  # fixture name -> its lab, for the failure reports
@@ -125,3 +126,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         prefix = f"{name}: " if len(labs) > 1 else ""
         terminalreporter.write_line(f"{prefix}logs: {logs}")
         terminalreporter.write_line(f"{prefix}start times: {timings or 'not started'}")
+
+
+@pytest.fixture
+def invariants(request: pytest.FixtureRequest) -> Invariants:
+    """The shared end-of-scenario checker (tests/invariants.py), named after the test for the record."""
+    lines = (request.function.__doc__ or "").strip().splitlines()
+    described = lines[0] if lines else request.function.__name__.removeprefix("test_").replace("_", " ")
+    return Invariants(request.node.nodeid, described)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -29,6 +30,8 @@ from tests.glancetools import (
     stores_of,
     wait_for,
 )
+from tests.invariants import Invariants
+from tests.lab import PASSWORD, S3_ACCESS_KEY, S3_SECRET_KEY
 
 MiB = 1 << 20
 TARGETS = ["s3", "ceph"]
@@ -86,8 +89,9 @@ def _reached(db: Path, state: str) -> int:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_location_swap_survives_kill_9_at_every_step_boundary_and_mid_transfer(
-    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str, invariants: Invariants
 ) -> None:
+    """location-swap: kill -9 mid-download, mid-upload and right after each step, then resume"""
     bigs = [seed_image(conn, f"kill-{target}-big-{i}", os.urandom(60 * MiB)) for i in range(2)]
     images = bigs + _varied(conn, f"kill-{target}", count=6)  # the run takes them in this order
     db, log, spool = tmp_path / "state.db", tmp_path / "runner.log", tmp_path / "spool"
@@ -114,14 +118,14 @@ def test_location_swap_survives_kill_9_at_every_step_boundary_and_mid_transfer(
     assert killed_at[:2] == ["mid-download", "mid-upload"] and len(killed_at) >= 7, f"killed at {killed_at}; {log}"
     done = cli("run", "--resume", *common, env=env)
     assert done.returncode == EXIT_OK, done.stderr + log.read_text()
-    for seeded in images:
-        assert_swapped(conn, full_lab, seeded, "old", target)
+    invariants.check(full_lab, conn, db, env, images, faults={"SIGKILL": len(killed_at)})
     assert list(spool.iterdir()) == []
 
 
 def test_corrupt_source_fails_with_integrity_error_and_keeps_its_location(
-    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """location-swap of an image whose file in the source store was changed on disk"""
     seeded = seed_image(conn, "corrupt", os.urandom(2 * MiB))
     path = full_lab.store_dir("old") / seeded.id
     data = bytearray(path.read_bytes())
@@ -151,6 +155,10 @@ def test_corrupt_source_fails_with_integrity_error_and_keeps_its_location(
     assert image is not None and stores_of(conn, seeded.id) == {"old"} and len(image["locations"]) == 1
     assert path.read_bytes() == bytes(data)  # the (corrupt) original is all there is: never removed
     assert list((tmp_path / "spool").iterdir()) == []
+    invariants.check(
+        full_lab, conn, db, env, [seeded], faults={"source file corrupted": 1},
+        expect={seeded.id: "failed"}, corrupted={seeded.id},
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -189,8 +197,9 @@ def _only_in_ceph(conn: Connection, seeded: Seeded) -> None:
 
 @pytest.mark.parametrize("strategy", ["copy-image", "location-swap"])
 def test_rbd_clone_child_blocks_the_image_until_it_is_gone_then_retry_finishes(
-    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, strategy: str
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, strategy: str, invariants: Invariants
 ) -> None:
+    """Moving off Ceph an image whose RBD snapshot has a clone child (as Nova and Cinder make)"""
     seeded = seed_image(conn, f"cloned-{strategy}", os.urandom(3 * MiB))
     _only_in_ceph(conn, seeded)
     child = f"child-{seeded.id[:8]}"
@@ -214,14 +223,13 @@ def test_rbd_clone_child_blocks_the_image_until_it_is_gone_then_retry_finishes(
     assert cli("run", "--resume", *args, env=env).returncode != EXIT_OK
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM events WHERE to_state = 'blocked'").fetchone()[0] == 1
+    clone = {"RBD clone child": 1}
+    invariants.check(full_lab, conn, db, env, [seeded], faults=clone, expect={seeded.id: "blocked"}, label="blocked")
 
     full_lab.rbd("rm", f"images/{child}")
     proc = cli("retry", seeded.id, "--db", str(db), env=env)  # the spool dir is recorded on the run
     assert proc.returncode == EXIT_OK, proc.stderr
-    if strategy == "location-swap":
-        assert_swapped(conn, full_lab, seeded, "ceph", "s3")
-    else:
-        assert_migrated(conn, full_lab, seeded, "ceph", "s3")
+    invariants.check(full_lab, conn, db, env, [seeded], faults=clone, label="child removed, retried")
     assert seeded.id not in full_lab.rbd("ls", "images").split()  # the Ceph copy is really gone
 
 
@@ -262,8 +270,9 @@ def test_legacy_single_store_glance_file_to_rbd(
 
 
 def test_an_image_that_cannot_fit_in_the_spool_fails_with_the_reason_and_changes_nothing(
-    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """An image bigger than the free space of the spool (a 4 MiB tmpfs)"""
     spool = tmp_path / "small-spool"
     spool.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool)], capture_output=True)
@@ -278,14 +287,18 @@ def test_an_image_that_cannot_fit_in_the_spool_fails_with_the_reason_and_changes
         assert row["state"] == "failed" and row["error_kind"] == "resources" and "bytes free" in row["error"]
         assert stores_of(conn, seeded.id) == {"old"} and copies_of(conn, seeded.id) == []
         assert list(spool.iterdir()) == []
+        expect = {seeded.id: "failed"}
+        invariants.check(full_lab, conn, db, env, [seeded], faults={"spool full": 1}, expect=expect)
     finally:
         subprocess.run(["umount", str(spool)], check=True)
 
 
 def test_glance_restarted_in_the_middle_of_a_run(
-    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
-    """A server fault: glance-api goes away mid-transfer and comes back; the run rides it out or stops
+    """glance-api restarted in the middle of a location-swap run
+
+    A server fault: glance-api goes away mid-transfer and comes back; the run rides it out or stops
     resumably (exit 3), and resuming ends with every image swapped and nothing extra left."""
     images = [seed_image(conn, f"restart-{i}", os.urandom((40 if i < 2 else 1) * MiB)) for i in range(5)]
     db, log, spool = tmp_path / "state.db", tmp_path / "runner.log", tmp_path / "spool"
@@ -302,5 +315,39 @@ def test_glance_restarted_in_the_middle_of_a_run(
         assert "progress is saved" in log.read_text()
         done = cli("run", "--resume", *common, env=env)
         assert done.returncode == EXIT_OK, done.stderr
-    for seeded in images:
-        assert_swapped(conn, full_lab, seeded, "old", "s3")
+    invariants.check(full_lab, conn, db, env, images, faults={"glance-api restart": 1})
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_no_credential_reaches_logs_status_or_the_state_db(
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, verbose: bool
+) -> None:
+    """With show_multiple_locations on, Glance hands out location URLs (an older glance_store puts the S3
+    keys into s3:// URLs): none of them, nor the store keys, a password or a token (Keystone's fernet
+    tokens start with gAAAAA), may land anywhere the tool writes, even at -v."""
+    s3 = [seed_image(conn, f"secret-s3-{i}", os.urandom(MiB)) for i in range(2)]
+    ceph = [seed_image(conn, f"secret-ceph-{i}", os.urandom(MiB)) for i in range(2)]
+    log = tmp_path / "tool.log"
+    written: list[str] = []
+    for target, images in (("s3", s3), ("ceph", ceph)):
+        run_db = tmp_path / f"{target}.db"
+        proc = cli(*(["-v"] if verbose else []), "--log-file", str(log), "run", "--from-store", "old",
+                   "--to-store", target, "--strategy", "location-swap", *_select(images), "--db", str(run_db),
+                   "--spool-dir", str(tmp_path / "spool"), env=env)  # fmt: skip
+        assert proc.returncode == EXIT_OK, proc.stderr
+        written += [proc.stdout, proc.stderr]
+        for fmt in ("table", "json", "yaml", "csv", "value"):
+            written.append(cli("status", "-f", fmt, "--db", str(run_db), env=env, check_rc=EXIT_OK).stdout)
+        audit = tmp_path / f"{target}-audit.json"
+        cli("report", str(audit), "--db", str(run_db), env=env, check_rc=EXIT_OK)
+        written.append(audit.read_text())
+        written += [p.read_bytes().decode("latin-1") for p in tmp_path.glob(f"{target}.db*")]  # DB, WAL, SHM
+    written.append(log.read_text())
+    urls = [loc["url"] for s in s3 + ceph for loc in (raw_image(conn, s.id) or {})["locations"]]
+    assert len(urls) == 4 and all(url.startswith(("s3", "rbd://")) for url in urls), urls
+    forbidden = [*urls, S3_ACCESS_KEY, S3_SECRET_KEY, "gAAAAA", f"password: {PASSWORD}"]
+    for text in written:
+        for secret in forbidden:
+            assert secret not in text, f"{secret!r} leaked: ...{text[max(0, text.find(secret) - 200) :][:400]}..."
+        location = re.search(r"\b(rbd|s3(\+https?)?)://(?!\*\*\*)", text)  # only ever shown redacted
+        assert location is None, f"a location leaked: ...{text[max(0, location.start() - 200) :][:400]}..."

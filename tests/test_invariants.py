@@ -1,0 +1,62 @@
+"""The shared invariant checker (tests/invariants.py) must catch what it claims to: each breach below is
+made by hand after a good run, and the checker has to fail on it, so that a scenario passing it means something."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openstack.connection import Connection
+
+from glance_migrator.errors import EXIT_OK
+from tests.glancetools import cli, patch, seed_image
+from tests.invariants import Invariants
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def migrated(lab: Any, admin_conn: Connection, tmp_path: Path) -> tuple[Path, list[Any]]:
+    images = [seed_image(admin_conn, f"checked-{i}", os.urandom(MiB)) for i in range(2)]
+    db = tmp_path / "state.db"
+    selection = [a for s in images for a in ("--image", s.id)]
+    cli("run", "--from-store", "old", "--to-store", "new", *selection, "--db", str(db), env=lab.env(), check_rc=EXIT_OK)
+    return db, images
+
+
+def _checker() -> Invariants:
+    return Invariants("self-test", "the checker's own test")
+
+
+def test_a_good_run_passes_and_is_recorded(lab: Any, admin_conn: Connection, migrated: tuple[Path, list[Any]]) -> None:
+    db, images = migrated
+    outcome = _checker().check(lab, admin_conn, db, lab.env(), images, faults={"none": 0})
+    assert outcome.lost == 0 and outcome.states == {"done": 2} and outcome.faults == {}
+
+
+def test_changed_bytes_count_as_lost(lab: Any, admin_conn: Connection, migrated: tuple[Path, list[Any]]) -> None:
+    db, images = migrated
+    (lab.store_dir("new") / images[0].id).write_bytes(os.urandom(MiB))
+    checker = _checker()
+    with pytest.raises(AssertionError, match="images lost"):
+        checker.check(lab, admin_conn, db, lab.env(), images, faults={})
+    assert checker.outcomes[0].lost == 1  # recorded before the assertion
+
+
+def test_changed_metadata_a_leftover_lease_and_a_wrong_state_are_caught(
+    lab: Any, admin_conn: Connection, migrated: tuple[Path, list[Any]]
+) -> None:
+    db, images = migrated
+    check = _checker().check
+    with pytest.raises(AssertionError, match="expected failed"):
+        check(lab, admin_conn, db, lab.env(), images, faults={}, expect={images[0].id: "failed"})
+    with sqlite3.connect(db) as state:
+        state.execute("UPDATE images SET lease_owner = 'host:1:x' WHERE image_id = ?", (images[1].id,))
+    with pytest.raises(AssertionError, match="leases left behind"):
+        check(lab, admin_conn, db, lab.env(), images, faults={})
+    patch(admin_conn, images[0].id, [{"op": "add", "path": "/extra", "value": "x"}])
+    with pytest.raises(AssertionError, match="metadata changed"):
+        check(lab, admin_conn, db, lab.env(), images, faults={})
