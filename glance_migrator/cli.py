@@ -18,7 +18,7 @@ import typer
 from glance_migrator import __version__, commands, render
 from glance_migrator.discovery import Filters, Order
 from glance_migrator.errors import Aborted, MigratorError, UsageError
-from glance_migrator.glance import READ_TIMEOUT, Glance
+from glance_migrator.glance import READ_TIMEOUT, Glance, RedactingFilter
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
 from glance_migrator.statedb import StateDB, default_db_path
@@ -76,6 +76,7 @@ def parse_size(text: str | None, option: str) -> int | None:
 
 
 _CONSOLE_LOG = logging.StreamHandler(sys.stderr)
+_REDACT = RedactingFilter()
 
 
 @contextmanager
@@ -119,6 +120,8 @@ def main_options(
             handlers.append(logging.FileHandler(log_file))
         except OSError as e:
             raise UsageError(f"--log-file {log_file}: {e.strerror}") from e
+    for handler in handlers:
+        handler.addFilter(_REDACT)
     logging.basicConfig(
         level=logging.DEBUG if log_file else level,
         format="%(asctime)s %(levelname)-7s %(message)s",

@@ -39,10 +39,12 @@ def test_images_without_size_or_hash_cannot_be_verified() -> None:
 
 
 def test_credentials_in_location_urls_are_redacted() -> None:
-    text = "Invalid location: s3://key:secret@127.0.0.1:8333/glance/x, swift+https://u:k@h/v1, rbd://fsid/images/x/snap"
-    assert (
-        redact(text)
-        == "Invalid location: s3://***@127.0.0.1:8333/glance/x, swift+https://***@h/v1, rbd://fsid/images/x/snap"
+    text = (
+        "Invalid location: s3://key:secret@127.0.0.1:8333/glance/x, swift+https://u:k@h/v1, "
+        '{"url": "rbd://fsid/images/x/snap"} s3+http://127.0.0.1:8333/glance/y; see https://admin:pw@host/path'
+    )
+    assert redact(text) == (
+        'Invalid location: s3://***, swift+https://***, {"url": "rbd://***"} s3+http://***; see https://***@host/path'
     )
 
 
