@@ -381,6 +381,13 @@ def _auth_failure(exc: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, ksa_exc.Unauthorized):
             return "the cloud refused our credentials (HTTP 401); check the user name, password and project"
+        if isinstance(seen, ksa_exc.SSLError | requests.exceptions.SSLError):
+            found = re.search(r"certificate verify failed: ([^()'\"]+)", str(seen))
+            why = f" ({found.group(1).strip()})" if found else ""
+            return (
+                f"the cloud's TLS certificate could not be verified{why}; give clouds.yaml `cacert` "
+                "(or OS_CACERT) the CA that signed it"
+            )
         if isinstance(seen, ksa_exc.ConnectionError | requests.ConnectionError):
             return f"cannot reach the cloud's identity service: {_short(seen)}"
         seen = seen.__cause__ or seen.__context__

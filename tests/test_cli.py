@@ -7,7 +7,9 @@ import os
 import re
 import socket
 import sqlite3
+import ssl
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,49 @@ def test_unreachable_cloud_is_a_cloud_error(tmp_path: Path) -> None:
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db), env=env)
     assert proc.returncode == EXIT_CLOUD, proc.stderr
     assert "cannot reach" in _error_line(proc.stderr)
+    assert _runs(db) == 0
+
+
+def test_tls_is_verified_unless_the_cloud_config_turns_it_off(tmp_path: Path) -> None:
+    """An identity endpoint with a self-signed certificate: refused (exit 3, nothing created), as the
+    openstack CLI would; the tool has no switch of its own that turns verification off."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    handshakes: list[str] = []
+    stop = threading.Event()
+
+    def serve() -> None:  # handshakes only: a verifying client gives up right there
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                    handshakes.append("completed")
+                except (ssl.SSLError, OSError) as e:
+                    handshakes.append(f"refused by the client: {e}")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        env = _clouds_yaml(tmp_path, f"https://127.0.0.1:{server.getsockname()[1]}/v3")
+        db = tmp_path / "state.db"
+        proc = cli("run", "--from-store", "old", "--to-store", "new", "--db", str(db), env=env)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert proc.returncode == EXIT_CLOUD, proc.stderr
+    assert "certificate" in _error_line(proc.stderr).lower(), proc.stderr
+    assert handshakes and not any(h == "completed" for h in handshakes), handshakes
     assert _runs(db) == 0
 
 
