@@ -341,8 +341,9 @@ class StateDB:
                 row.failed_at = str(current)
             elif current in RETRYABLE:
                 row.failed_at = row.error = row.error_kind = None
-            if target in TERMINAL:
+            if target in TERMINAL:  # finished: its lease goes in the same commit, so a kill right after leaves none
                 row.finished_at = utcnow()
+                row.lease_owner = row.lease_expires = None
             s.add(
                 Event(
                     run_id=run_id,

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import json
 import os
 import random
+import select
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import pytest
 from openstack.connection import Connection
@@ -20,6 +26,7 @@ from openstack.connection import Connection
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_STATE_DB, Aborted
 from glance_migrator.runner import Runner, graceful_interrupts
 from tests.glancetools import (
+    CLI,
     Seeded,
     assert_migrated,
     cli,
@@ -33,6 +40,7 @@ from tests.glancetools import (
     stores_of,
     wait_for,
 )
+from tests.invariants import Invariants
 
 MiB = 1 << 20
 
@@ -125,8 +133,9 @@ def test_full_run_moves_every_image_hidden_and_community_included(
 
 
 def test_kill_9_mid_run_then_resume_ends_with_every_image_migrated(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """copy-image: kill -9 after 3, 9, 17, 26 and 38 transitions, then resume"""
     demo = admin_conn.identity.find_project("demo").id
     images = _mixed_images(admin_conn, demo, "kill", count=12)
     images += [seed_image(admin_conn, f"kill-big-{i}", os.urandom(40 * MiB)) for i in range(2)]
@@ -155,16 +164,13 @@ def test_kill_9_mid_run_then_resume_ends_with_every_image_migrated(
     assert kills >= 3, f"the run finished before it could be killed 3 times ({kills}); see {log}"
     proc_done = cli("run", "--resume", *args, env=env)
     assert proc_done.returncode == EXIT_OK, proc_done.stderr + log.read_text()
-    for seeded in images:
-        assert_migrated(admin_conn, lab, seeded, "old", "new")
-    doc = status_json(db, env)
-    assert doc["counts"]["done"] == len(images) and doc["run"]["complete"]
-    assert all(img["state"] == "done" for img in doc["images"])
+    invariants.check(lab, admin_conn, db, env, images, faults={"SIGKILL": kills})
 
 
 def test_failed_copy_is_recorded_and_retry_finishes_it(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """Glance's own copy task fails (a file in the way in the target store), then retry"""
     good = seed_image(admin_conn, "retry-good", os.urandom(MiB))
     bad = seed_image(admin_conn, "retry-bad", os.urandom(2 * MiB))
     blocker = lab.store_dir("new") / bad.id  # a stray file where the copy must go makes Glance's copy fail
@@ -185,7 +191,8 @@ def test_failed_copy_is_recorded_and_retry_finishes_it(
         env=env,
     )
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
-    assert_migrated(admin_conn, lab, good, "old", "new")
+    fault = {"Glance copy task fails": 1}
+    invariants.check(lab, admin_conn, db, env, [good, bad], faults=fault, expect={bad.id: "failed"}, label="failed")
     row = {img["id"]: img for img in status_json(db, env)["images"]}[bad.id]
     assert row["state"] == "failed" and "os_glance_failed_import" in row["error"]
     assert stores_of(admin_conn, bad.id) == {"old"}  # nothing lost: the old copy is untouched
@@ -195,9 +202,7 @@ def test_failed_copy_is_recorded_and_retry_finishes_it(
     blocker.unlink()
     proc = cli("retry", bad.id, "--db", str(db), env=env)
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert_migrated(admin_conn, lab, bad, "old", "new")
-    doc = status_json(db, env)
-    assert doc["counts"]["done"] == 2 and doc["counts"]["failed"] == 0
+    invariants.check(lab, admin_conn, db, env, [good, bad], faults=fault, label="retried")
 
 
 def test_image_already_in_target_only_is_done_without_work(
@@ -238,8 +243,9 @@ def test_image_already_in_target_only_is_done_without_work(
 
 
 def test_ctrl_c_finishes_the_step_in_flight_then_resume_completes(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """copy-image: Ctrl-C (graceful), then a double Ctrl-C (abort), then resume"""
     images = [seed_image(admin_conn, f"sigint-{i}", os.urandom((30 if i < 2 else 1) * MiB)) for i in range(6)]
     db = tmp_path / "state.db"
     log = tmp_path / "runner.log"
@@ -274,8 +280,7 @@ def test_ctrl_c_finishes_the_step_in_flight_then_resume_completes(
     assert proc.wait(timeout=60) == EXIT_INTERRUPTED, log.read_text()
     assert "Traceback" not in log.read_text()
     cli("run", "--resume", "--db", str(db), env=env, check_rc=EXIT_OK)
-    for seeded in images:
-        assert_migrated(admin_conn, lab, seeded, "old", "new")
+    invariants.check(lab, admin_conn, db, env, images, faults={"SIGINT": 3})
 
 
 def test_first_interrupt_stops_gracefully_and_the_second_aborts() -> None:
@@ -293,8 +298,9 @@ def test_first_interrupt_stops_gracefully_and_the_second_aborts() -> None:
 
 
 def test_two_runners_on_one_db_never_work_on_the_same_image(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """Two runners on one state DB at once"""
     images = [seed_image(admin_conn, f"pair-{i}", os.urandom((8 if i % 3 == 0 else 1) * MiB)) for i in range(8)]
     db = tmp_path / "state.db"
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
@@ -319,8 +325,7 @@ def test_two_runners_on_one_db_never_work_on_the_same_image(
         ).fetchall()
     assert steps and all(n == 1 for _, _, n in steps), steps  # every step of every image happened once
     assert "copy-requested" in log_a.read_text() and "copy-requested" in log_b.read_text()  # both worked
-    for seeded in images:
-        assert_migrated(admin_conn, lab, seeded, "old", "new")
+    invariants.check(lab, admin_conn, db, env, images, faults={"second runner": 1})
 
 
 def test_a_copy_someone_else_started_is_adopted_not_repeated(
@@ -383,8 +388,9 @@ def test_filters_choose_and_order_the_images_of_a_run(
 
 
 def test_copy_image_of_a_corrupted_source_is_an_integrity_failure_and_removes_nothing(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """copy-image of an image whose file in the source store was changed on disk"""
     seeded = seed_image(admin_conn, "corrupt-copy", os.urandom(MiB))
     path = lab.store_dir("old") / seeded.id
     data = bytearray(path.read_bytes())
@@ -396,11 +402,16 @@ def test_copy_image_of_a_corrupted_source_is_an_integrity_failure_and_removes_no
     (row,) = status_json(db, env)["images"]
     assert row["state"] == "failed" and row["error_kind"] == "integrity", row
     assert stores_of(admin_conn, seeded.id) == {"old"} and path.read_bytes() == bytes(data)
+    invariants.check(
+        lab, admin_conn, db, env, [seeded], faults={"source file corrupted": 1},
+        expect={seeded.id: "failed"}, corrupted={seeded.id},
+    )  # fmt: skip
 
 
 def test_state_db_disk_full_stops_cleanly_and_changes_nothing(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
+    """The state DB's disk is full (a 2 MiB tmpfs), then freed"""
     seeded = seed_image(admin_conn, "disk-full", os.urandom(MiB))
     small = tmp_path / "small"
     small.mkdir()
@@ -424,7 +435,7 @@ def test_state_db_disk_full_stops_cleanly_and_changes_nothing(
         filler.unlink()
         cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=env,
             check_rc=EXIT_OK)  # fmt: skip
-        assert_migrated(admin_conn, lab, seeded, "old", "new")
+        invariants.check(lab, admin_conn, db, env, [seeded], faults={"state DB disk full": 1})
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
@@ -434,9 +445,11 @@ def _has_run(db: Path) -> bool:
 
 
 def test_crash_loop_random_kills_until_done(
-    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
-    """~30 images of mixed sizes; the runner is SIGKILLed at random moments, dozens of times, each time
+    """Crash loop: kill -9 at random moments, dozens of times, each followed by resume
+
+    ~30 images of mixed sizes; the runner is SIGKILLed at random moments, dozens of times, each time
     followed by `run --resume`, until the run completes: every image must end migrated, nothing lost."""
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
@@ -460,7 +473,354 @@ def test_crash_loop_random_kills_until_done(
     assert kills >= 10, f"seed {seed}: only {kills} kills"
     final = cli("run", "--resume", "--db", str(db), env=env)  # finishes the run, or finds it complete
     assert final.returncode == EXIT_OK, f"seed {seed}, {kills} kills, last rc {rc}; see {log}\n{final.stderr}"
-    for seeded in images:
-        assert_migrated(admin_conn, lab, seeded, "old", "new")
+    invariants.check(lab, admin_conn, db, env, images, faults={"SIGKILL": kills})
+
+
+# -- kill -9 at every state boundary of copy-image, and in the middle of Glance's copy -------------------------
+
+COPY_PATH = ("pending", "copy-requested", "copied", "old-removed", "done")
+_BETWEEN = COPY_PATH[1:-1]
+
+
+@contextlib.contextmanager
+def _db_writes_held(db: Path) -> Iterator[sqlite3.Connection]:
+    """Hold the state DB's write lock, as another runner's transaction would: the runner goes on talking to
+    Glance but records nothing until this ends, so what the test reads cannot change before the kill."""
+    conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+def _peek(db: Path, find: Callable[[sqlite3.Connection], str | None]) -> str | None:
+    """`find` on a read-only look at the state DB (None while it or its schema does not exist yet)."""
+    if not db.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            return find(conn)
+    except sqlite3.OperationalError:
+        return None
+
+
+def _recorded_into(state: str) -> Callable[[sqlite3.Connection], str | None]:
+    """The image whose step into `state` (copy-requested, copied or old-removed) is recorded, its next step not
+    yet (one worker walks one image at a time: there is at most one)."""
+
+    def find(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT image_id FROM images WHERE state = ?", (state,)).fetchone()
+        return None if row is None else str(row[0])
+
+    return find
+
+
+def _nothing_done_yet(conn: sqlite3.Connection) -> str | None:
+    """The run is recorded, every image pending, no step recorded: the first image is next."""
+    states = [s for (s,) in conn.execute("SELECT state FROM images ORDER BY position")]
+    first = conn.execute("SELECT image_id FROM images ORDER BY position").fetchone()
+    return None if first is None or set(states) != {"pending"} else str(first[0])
+
+
+def _between_images(conn: sqlite3.Connection) -> str | None:
+    """The image last done and released while the next one is still pending (no step of it recorded)."""
+    rows = conn.execute("SELECT image_id, state, lease_owner FROM images ORDER BY position").fetchall()
+    states = {s for _, s, _ in rows}
+    done = [(image, lease) for image, s, lease in rows if s == "done"]
+    if states & set(_BETWEEN) or "pending" not in states or not done or any(lease for _, lease in done):
+        return None
+    return str(done[-1][0])
+
+
+def _taken_up(conn: sqlite3.Connection) -> str | None:
+    """The pending image the runner has taken (leased, attempt counted): asking for its copy comes next."""
+    row = conn.execute(
+        "SELECT image_id FROM images WHERE state = 'pending' AND attempts > 0 AND lease_owner IS NOT NULL"
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _in_glance(conn: Connection, image_id: str) -> tuple[set[str], set[str], bool]:
+    """The image's stores, the stores Glance is copying it to, and whether an import holds its lock."""
+    image = raw_image(conn, image_id) or {}
+    stores, importing = (
+        {s for s in str(image.get(key) or "").split(",") if s} for key in ("stores", "os_glance_importing_to_stores")
+    )
+    return stores, importing, bool(image.get("os_glance_import_task"))
+
+
+def _copying(conn: Connection, image_id: str) -> bool:
+    _, importing, locked = _in_glance(conn, image_id)
+    return "new" in importing and locked
+
+
+def _copy_accepted(conn: Connection, image_id: str) -> bool:
+    stores, importing, _ = _in_glance(conn, image_id)
+    return "new" in stores | importing
+
+
+def _copy_finished(conn: Connection, image_id: str) -> bool:
+    stores, _, locked = _in_glance(conn, image_id)
+    return "new" in stores and not locked
+
+
+def _old_deleted(conn: Connection, image_id: str) -> bool:
+    return _in_glance(conn, image_id)[0] == {"new"}
+
+
+@dataclass(frozen=True)
+class _KillPoint:
+    state: str  # the image's recorded state when the runner dies; `status --json` must show it
+    # Which image to kill at, read under the DB's write lock; None: exactly after the record (see _kill_exactly).
+    find: Callable[[sqlite3.Connection], str | None] | None = None
+    glance: Callable[[Connection, str], bool] | None = None  # what Glance must show first (waited for, locked)
+    retry_if_gone: bool = False  # the Glance condition no longer holds after the kill: missed, try a later image
+    settle: bool = False  # before resuming, let Glance's copy finish with nobody watching it
+
+
+_KILL_POINTS = {
+    # Exactly after the step into the state is recorded: the runner did nothing since (not even log it).
+    "pending": _KillPoint("pending"),  # the run and its images are recorded, nothing else
+    "copy-requested": _KillPoint("copy-requested", settle=True),  # resumed once Glance's copy has finished
+    "copied": _KillPoint("copied"),
+    "old-removed": _KillPoint("old-removed"),
+    "done": _KillPoint("done"),  # (its lease went in the same commit)
+    "between-images": _KillPoint("done", _between_images),  # done and released, the next image not begun
+    # Mid-copy: Glance's task is copying (importing_to_stores lists new, the lock is held); resumed at once.
+    "mid-copy": _KillPoint("copy-requested", _recorded_into("copy-requested"), _copying, retry_if_gone=True),
+    # Glance did the next step but the runner had not recorded it (the test's DB lock held the record back).
+    "pending+copy-accepted": _KillPoint("pending", _taken_up, _copy_accepted),
+    "copy-requested+copy-finished": _KillPoint("copy-requested", _recorded_into("copy-requested"), _copy_finished),
+    "copied+old-deleted": _KillPoint("copied", _recorded_into("copied"), _old_deleted),
+}
+
+
+class _Left(NamedTuple):
+    """An image's row as the killed runner left it."""
+
+    state: str
+    attempts: int
+    lease_owner: str | None
+
+
+def _rows(db: Path) -> dict[str, _Left]:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        rows = conn.execute("SELECT image_id, state, attempts, lease_owner FROM images").fetchall()
+    return {row[0]: _Left(*row[1:]) for row in rows}
+
+
+def _state_of(image: str) -> Callable[[sqlite3.Connection], str | None]:
+    def find(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT state FROM images WHERE image_id = ?", (image,)).fetchone()
+        return None if row is None else str(row[0])
+
+    return find
+
+
+class _LogGate:
+    """The runners' output, read through a pipe into `log`, with a gate the test can shut: it stops reading and
+    fills the pipe, so a runner blocks on its next log line. The runner logs each step right after recording it
+    (at `done`, before it releases the image's lease): shut in time, the gate stops it exactly after a record."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.text = ""  # all the runners wrote, as read so far
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._read_end, self._write_end = os.pipe()
+        # A second open file description of the pipe, non-blocking, to fill it; the runners' end stays blocking.
+        self._filler = os.open(f"/proc/self/fd/{self._write_end}", os.O_WRONLY | os.O_NONBLOCK)
+        self._shut, self._idle = threading.Event(), threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def __enter__(self) -> _LogGate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:  # a runner a failed assertion left running (ours only, by its pid)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        self._shut.clear()
+        os.close(self._filler)
+        os.close(self._write_end)
+        self._reader.join(timeout=30)  # to the end of the pipe: all the runners wrote is in `text` and `log`
+        os.close(self._read_end)
+
+    def popen(self, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        out, environ = self._write_end, {**os.environ, **env}
+        proc = subprocess.Popen([*CLI, *args], env=environ, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.procs.append(proc)
+        return proc
+
+    def logged(self, image: str, state: str) -> bool:
+        """Has a runner logged `image`'s step into `state` ("<id> (<name>): <state>: <message>")?"""
+        return any(image in line and f"): {state}: " in line for line in self.text.splitlines())
+
+    def shut(self) -> None:
+        """Stop reading and fill the pipe: a runner's next write blocks until `open`."""
+        self._idle.clear()
+        self._shut.set()
+        assert self._idle.wait(timeout=10)
+        for size in (4096, 1):  # whole pages, then byte by byte: no room left for any line
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(self._filler, b"\0" * size)
+
+    def open(self) -> None:
+        self._shut.clear()
+
+    def _read(self) -> None:
+        with self.log.open("ab") as out:
+            while True:
+                if self._shut.is_set():
+                    self._idle.set()
+                    time.sleep(0.01)
+                    continue
+                if not select.select([self._read_end], [], [], 0.05)[0]:
+                    continue
+                data = os.read(self._read_end, 1 << 16)
+                if not data:
+                    return  # every write end is closed
+                data = data.replace(b"\0", b"")  # the filler
+                out.write(data)
+                out.flush()
+                self.text += data.decode(errors="replace")
+
+
+def _kill_exactly(proc: subprocess.Popen[bytes], db: Path, gate: _LogGate, state: str) -> str:
+    """SIGKILL the runner exactly after it recorded an image's step into `state`, before its next statement.
+    The DB's write lock holds that record back until the runner's log line before it is out and the gate is
+    shut; released, the runner records the step and blocks writing the line that logs it. Returns the image."""
+    image = None
+    if state == "pending":  # the gate was shut before the runner started: it blocks on its first line
+        recorded = wait_for(lambda: _peek(db, _nothing_done_yet) is not None, timeout=60)
+        assert recorded, "no run recorded: did the runner write something before its 'run N: ... found' line?"
+        image = _peek(db, _nothing_done_yet)
+    else:
+        before = COPY_PATH[COPY_PATH.index(state) - 1]
+        find = _taken_up if before == "pending" else _recorded_into(before)  # taken up: its earlier lines are out
+        deadline = time.monotonic() + 180
+        while image is None:
+            assert proc.poll() is None and time.monotonic() < deadline, f"never reached {state}:\n{gate.text}"
+            if _peek(db, find) is None:
+                time.sleep(0.005)
+                continue
+            with _db_writes_held(db) as locked:
+                image = find(locked)
+                if image is not None:
+                    if before != "pending":  # its line for `before` is out; the next one logs `state`
+                        assert wait_for(functools.partial(gate.logged, image, before), timeout=20), gate.text
+                    gate.shut()
+        assert wait_for(lambda: _peek(db, _state_of(str(image))) == state, timeout=30), (image, state)
+    assert image is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    gate.open()
+    return image
+
+
+def _kill_at(
+    proc: subprocess.Popen[bytes], db: Path, point: _KillPoint, conn: Connection
+) -> tuple[str, dict[str, _Left]] | None:
+    """SIGKILL the runner at `point` (one with `find`), verified on the DB under its write lock. Returns the
+    image and every image's row as the runner left it; None if the run ended first."""
+    assert point.find is not None
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _peek(db, point.find) is not None:
+            with _db_writes_held(db) as locked:
+                image = point.find(locked)
+                if image is not None:
+                    if point.glance is not None:  # the runner records nothing meanwhile; its busy timeout is 30 s
+                        shown = functools.partial(point.glance, conn, image)
+                        assert wait_for(shown, timeout=20, interval=0.02), (image, point)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+                    rows = locked.execute("SELECT image_id, state, attempts, lease_owner FROM images").fetchall()
+                    return image, {row[0]: _Left(*row[1:]) for row in rows}
+        time.sleep(0.005)
+    return None
+
+
+def _kill_runner(
+    gate: _LogGate, db: Path, point: _KillPoint, start: list[str], conn: Connection, env: dict[str, str], chances: int
+) -> tuple[str, dict[str, _Left], int, int]:
+    """Start the run and kill its runner at `point`. Returns the image, every image's row as the runner left it,
+    how many runners were killed and the last one's pid."""
+    if point.find is None:
+        if point.state == "pending":
+            gate.shut()
+        proc = gate.popen(*start, env=env)
+        image = _kill_exactly(proc, db, gate, point.state)
+        assert proc.returncode == -signal.SIGKILL
+        return image, _rows(db), 1, proc.pid
+    for attempt in range(chances):
+        proc = gate.popen(*(start if attempt == 0 else ["run", "--resume", "--db", str(db)]), env=env)
+        caught = _kill_at(proc, db, point, conn)
+        assert caught is not None, f"the run ended (rc {proc.returncode}) before {point}:\n{gate.text}"
+        assert proc.returncode == -signal.SIGKILL
+        if not point.retry_if_gone or (point.glance is not None and point.glance(conn, caught[0])):
+            return *caught, attempt + 1, proc.pid
+        # Glance finished the copy between the look and the kill: resume, and catch a later image
+    raise AssertionError(f"never killed at {point}: Glance finished every copy first")
+
+
+@pytest.mark.parametrize("where", list(_KILL_POINTS))
+def test_copy_image_survives_kill_9_at_every_state_boundary_and_mid_copy(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants, where: str
+) -> None:
+    """copy-image: kill -9 at one state boundary (or mid-copy), verified on the state DB, then resume"""
+    point = _KILL_POINTS[where]
+    demo = cast(Any, admin_conn).identity.find_project("demo").id
+    tag = f"k9-{where}"
+    images = [
+        seed_image(admin_conn, f"{tag}-big-0", os.urandom(64 * MiB)),
+        seed_image(admin_conn, f"{tag}-1", os.urandom(MiB + 17), hidden=True, tags=["k9"]),
+        seed_image(admin_conn, f"{tag}-big-2", os.urandom(32 * MiB), visibility="shared", members=[demo]),
+        seed_image(admin_conn, f"{tag}-3", os.urandom(12345), visibility="community", os_distro="cirros"),
+    ]  # one worker takes them in this order; between-images and mid-copy may be caught on a later image
+    db, log = tmp_path / "state.db", tmp_path / "runner.log"
+    ids = [a for s in images for a in ("--image", s.id)]
+    start = ["run", "--from-store", "old", "--to-store", "new", "--strategy", "copy-image", *ids, "--db", str(db)]
+    with _LogGate(log) as gate:
+        killed, at_kill, kills, pid = _kill_runner(gate, db, point, start, admin_conn, env, chances=len(images))
+    assert at_kill[killed].state == point.state, (where, at_kill)
+    if point.find is None:  # exactly after the record: the runner died before it could even log the step
+        said = [line for line in gate.text.splitlines() if "image(s) found" in line]
+        assert not (said if point.state == "pending" else gate.logged(killed, point.state)), gate.text
+    if point.state in _BETWEEN:  # the dead runner's lease: the resume must take it over
+        assert f":{pid}:" in (at_kill[killed].lease_owner or ""), at_kill
+    if where == "done":  # recording a finished state released the lease in the same commit: none is left
+        assert at_kill[killed].lease_owner is None, at_kill
+    if point.glance is not None:  # what Glance had done when the runner died is still there
+        assert point.glance(admin_conn, killed), (where, _in_glance(admin_conn, killed))
+
+    # Before the resume, `status --json` shows the run unfinished and each image where the runner left it.
     doc = status_json(db, env)
-    assert doc["run"]["complete"] and doc["counts"]["done"] == len(images), f"seed {seed}"
+    assert not doc["run"]["complete"]
+    assert {img["id"]: img["state"] for img in doc["images"]} == {i: row.state for i, row in at_kill.items()}
+    if point.settle:
+        assert wait_for(lambda: _copy_finished(admin_conn, killed), timeout=120, interval=0.2)
+
+    done = cli("run", "--resume", "--db", str(db), env=env)
+    text = log.read_text() + done.stderr
+    assert done.returncode == EXIT_OK, text
+    assert "Traceback" not in text
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        steps = conn.execute(
+            "SELECT image_id, from_state, to_state FROM events WHERE from_state IS NOT NULL ORDER BY id"
+        ).fetchall()
+        attempts = dict(conn.execute("SELECT image_id, attempts FROM images").fetchall())
+    for seeded in images:  # each state entered once per image, in the order of the path: no step recorded twice
+        assert [(a, b) for i, a, b in steps if i == seeded.id] == list(itertools.pairwise(COPY_PATH)), steps
+        tasks = admin_conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
+        assert [t["status"] for t in tasks] == ["success"], tasks  # Glance copied each image once: never re-asked
+    # The resume took each unfinished image up once more, and no finished one.
+    assert attempts == {i: row.attempts + (row.state != "done") for i, row in at_kill.items()}, (at_kill, attempts)
+    # Every image done, in new only, same bytes, UUID, metadata and members; no lease left, not even the dead
+    # runner's; status agrees with Glance.
+    invariants.check(lab, admin_conn, db, env, images, faults={"SIGKILL": kills}, label=where)
