@@ -22,6 +22,7 @@ from glance_migrator.glance import READ_TIMEOUT, Glance, RedactingFilter
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
 from glance_migrator.statedb import StateDB, default_db_path
+from glance_migrator.strategies import STUCK_AFTER
 
 app = typer.Typer(
     name="glance-migrator",
@@ -47,6 +48,16 @@ TimeoutOption = Annotated[
         min=1,
         envvar="GLANCE_MIGRATOR_TIMEOUT",
         help="Seconds to wait for an answer (or the next bytes of one) from Glance before the request is retried.",
+    ),
+]
+StuckAfterOption = Annotated[
+    float,
+    typer.Option(
+        "--stuck-after",
+        min=10,
+        help="copy-image: fail an image whose Glance copy task shows no progress for this many seconds. "
+        "Glance updates a running copy about once a minute (a dead worker's task never again): "
+        "below 120, copies that are only slow may be failed.",
     ),
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Images migrated at the same time.")]
@@ -180,6 +191,7 @@ def run(
         bool, typer.Option("--dry-run", help="Only say what would happen to each image; change nothing.")
     ] = False,
     workers: WorkersOption = 1,
+    stuck_after: StuckAfterOption = STUCK_AFTER,
     db: DbOption = None,
     os_cloud: CloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
@@ -222,6 +234,7 @@ def run(
             image_ids=image or [],
             resume=resume,
             workers=workers,
+            stuck_after=stuck_after,
             strategy=chosen,
             spool_dir=spool_dir,
             no_spool=no_spool,
@@ -314,6 +327,7 @@ def retry(
     ] = False,
     run_id: RunIdOption = None,
     workers: WorkersOption = 1,
+    stuck_after: StuckAfterOption = STUCK_AFTER,
     db: DbOption = None,
     os_cloud: CloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
@@ -330,6 +344,7 @@ def retry(
         run_id=run_id,
         queue_only=queue_only,
         workers=workers,
+        stuck_after=stuck_after,
     )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))

@@ -18,6 +18,7 @@ from glance_migrator.runner import ProgressSink, Runner, graceful_interrupts
 from glance_migrator.spool import Spool, default_spool_dir
 from glance_migrator.state import PATHS, RETRYABLE, State, Strategy
 from glance_migrator.statedb import StateDB
+from glance_migrator.strategies import STUCK_AFTER
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def run_migration(
     no_spool: bool = False,
     filters: Filters = NO_FILTERS,
     progress: ProgressSink | None = None,
+    stuck_after: float = STUCK_AFTER,
 ) -> RunReport:
     """Start a run (discover, then migrate), or with `resume` continue the unfinished one.
 
@@ -110,7 +112,7 @@ def run_migration(
             from_store,
             to_store,
         )
-    runner = Runner(db, glance, run, workers, progress=progress)
+    runner = Runner(db, glance, run, workers, progress=progress, stuck_after=stuck_after)
     with graceful_interrupts(runner):
         runner.run()
     db.finish_run_if_complete(run.id)
@@ -178,6 +180,7 @@ def retry(
     run_id: int | None = None,
     queue_only: bool = False,
     workers: int = 1,
+    stuck_after: float = STUCK_AFTER,
 ) -> RunReport:
     """Put failed images back at the step they failed at, then (unless queue_only) migrate them now."""
     if not image_ids and not all_failed:
@@ -208,6 +211,7 @@ def retry(
         resume=True,
         workers=workers,
         strategy=Strategy(run.strategy),
+        stuck_after=stuck_after,
     )
 
 

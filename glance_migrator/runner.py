@@ -21,7 +21,7 @@ from glance_migrator.models import ImageRow, Run
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
 from glance_migrator.statedb import LEASE_TTL, LeaseLost, LeaseOwner, StateDB
-from glance_migrator.strategies import Interrupted, StepContext, steps_for
+from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for, tidy_for
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,13 @@ class Runner:
         run: Run,
         workers: int = 1,
         progress: ProgressSink | None = None,
+        stuck_after: float = STUCK_AFTER,
     ) -> None:
         self.db = db
         self.glance = glance
         self.run_row = run
         self.workers = max(1, workers)
+        self.stuck_after = stuck_after
         self.owner = LeaseOwner.me()
         self.stop = threading.Event()  # set on Ctrl-C or on a fatal error: take no new step
         self.fatal: MigratorError | None = None
@@ -141,6 +143,7 @@ class Runner:
             self.stop,
             spool=spool,
             legacy=self.legacy,
+            stuck_after=self.stuck_after,
         )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"
@@ -160,8 +163,11 @@ class Runner:
             except (ImageFailure, GlanceHTTPError) as e:  # this image cannot go on; the others can
                 kind = e.kind if isinstance(e, ImageFailure) else "glance"
                 outcome = State.BLOCKED if isinstance(e, ImageBlocked) else State.FAILED
-                self._record(row, outcome, str(e), error=str(e), error_kind=kind)
-                log.error("%s: %s at %s: %s", label, outcome, row.state, e)
+                error = str(e)
+                if kind == "gone":  # before recording: a crash in between tidies again
+                    error = "; ".join(filter(None, [error, _tidy(strategy, ctx, row)]))
+                self._record(row, outcome, error, error=error, error_kind=kind)
+                log.error("%s: %s at %s: %s", label, outcome, row.state, error)
                 return
             row = self._record(row, target, result.message, **result.fields)
             log.info("%s: %s: %s", label, target, result.message)
@@ -176,6 +182,17 @@ class Runner:
     def _show(self, row: ImageRow | None) -> None:
         if self.progress is not None:
             self.progress.update(threading.current_thread().name, row)
+
+
+def _tidy(strategy: Strategy, ctx: StepContext, row: ImageRow) -> str:
+    """The image was deleted by someone else: let the strategy remove what it made for it; what it did."""
+    tidy = tidy_for(strategy)
+    if tidy is None:
+        return ""
+    try:
+        return tidy(ctx, row)
+    except (ImageFailure, GlanceHTTPError) as e:  # (Glance unavailable stops the run: resume tidies again)
+        return f"could not remove what the run made for it: {e}"
 
 
 @contextmanager

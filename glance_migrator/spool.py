@@ -33,7 +33,8 @@ class Spool:
             self.root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
             self.root.chmod(PRIVATE_DIR)
         except OSError as e:
-            raise UsageError(f"spool directory {self.root}: {e.strerror}") from e
+            why = "exists and is not a directory" if self.root.exists() and not self.root.is_dir() else e.strerror
+            raise UsageError(f"spool directory {self.root}: {why}") from e
 
     def path(self, image_id: str) -> Path:
         return self.root / f"{image_id}.img"

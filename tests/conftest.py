@@ -131,6 +131,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 @pytest.fixture
 def invariants(request: pytest.FixtureRequest) -> Invariants:
     """The shared end-of-scenario checker (tests/invariants.py), named after the test for the record."""
-    lines = (request.function.__doc__ or "").strip().splitlines()
-    described = lines[0] if lines else request.function.__name__.removeprefix("test_").replace("_", " ")
+    paragraph = (request.function.__doc__ or "").strip().split("\n\n")[0]
+    described = " ".join(paragraph.split()) or request.function.__name__.removeprefix("test_").replace("_", " ")
     return Invariants(request.node.nodeid, described)

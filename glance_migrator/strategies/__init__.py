@@ -55,6 +55,9 @@ class StepResult:
 
 
 Step = Callable[[StepContext, ImageRow], StepResult]
+# After a step failed with kind "gone": remove what the strategy made for an image that someone deleted
+# (only once Glance confirms the image itself is gone); says what it removed, "" for nothing.
+Tidy = Callable[[StepContext, ImageRow], str]
 
 
 def current_image(ctx: StepContext, image_id: str, what: str = "the image") -> dict[str, Any]:
@@ -73,3 +76,11 @@ def steps_for(strategy: Strategy) -> Mapping[State, Step]:
         Strategy.LOCATION_SWAP: location_swap.STEPS,
     }
     return registry[strategy]
+
+
+def tidy_for(strategy: Strategy) -> Tidy | None:
+    """The strategy's clean-up after an image was deleted under it; None if it makes nothing of its own."""
+    from glance_migrator.strategies import location_swap  # noqa: PLC0415 - avoids an import cycle
+
+    registry: dict[Strategy, Tidy] = {Strategy.LOCATION_SWAP: location_swap.tidy_after_gone}
+    return registry.get(strategy)

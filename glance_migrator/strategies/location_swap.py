@@ -21,7 +21,7 @@ import requests
 from glance_migrator.errors import CloudError, ImageBlocked, ImageFailure, IntegrityFailure
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
-from glance_migrator.spool import HashingReader
+from glance_migrator.spool import HashingReader, Spool
 from glance_migrator.state import State
 from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, hash_file
@@ -51,14 +51,18 @@ def _in_store(ctx: StepContext, locations: list[dict[str, Any]], store: str) -> 
 def download(ctx: StepContext, row: ImageRow) -> StepResult:
     image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "before download")
-    spool = ctx.spool
-    if spool is None:
+    if ctx.spool is None:
         return StepResult("no spool (--no-spool): the data streams from the image into the copy, hashed on the way")
+    return StepResult(_spool_file(ctx, ctx.spool, row))
+
+
+def _spool_file(ctx: StepContext, spool: Spool, row: ImageRow) -> str:
+    """The image's bytes in its spool file, verified: an earlier attempt's complete file, or a new download."""
     path = spool.path(row.image_id)
     if path.exists():
         try:
             hash_file(path, row.os_hash_algo).check(row, "spool file from an earlier attempt")
-            return StepResult(f"spool file {path} from an earlier attempt is complete and verified")
+            return f"spool file {path} from an earlier attempt is complete and verified"
         except IntegrityFailure:
             path.unlink()
 
@@ -67,7 +71,7 @@ def download(ctx: StepContext, row: ImageRow) -> StepResult:
             return spool.write(row, chunks)
 
     hasher = _transfer(ctx, "the download", fetch)
-    return StepResult(f"downloaded {hasher.size} bytes to {path}; {hasher.algo} and md5 match Glance's record")
+    return f"downloaded {hasher.size} bytes to {path}; {hasher.algo} and md5 match Glance's record"
 
 
 def _transfer(ctx: StepContext, what: str, action: Callable[[], T]) -> T:
@@ -102,17 +106,23 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         urls = {loc["url"] for loc in copy.get("locations") or []}
         if not copy.get("protected") and not urls & shared_urls:
             ctx.glance.delete_image(copy["id"])
-    if ctx.spool is not None and not ctx.spool.path(row.image_id).exists():
-        path = ctx.spool.path(row.image_id)
-        raise ImageFailure(f"spool file {path} is missing; `retry` downloads it again", kind="resources")
+    again = _spool_again(ctx, row, source)
     last_error: Exception | None = None
-    for _ in range(UPLOAD_ATTEMPTS):
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         copy = _create_copy_record(ctx, row, source)
         try:
             streamed = _upload(ctx, row, copy["id"])
         except (GlanceUnavailable, requests.RequestException, OSError) as e:  # broke mid-body: cannot be resent
             last_error = e
             ctx.glance.delete_image(copy["id"])
+            if attempt < UPLOAD_ATTEMPTS:
+                log.warning(
+                    "the upload of the copy %s broke (%s); copy deleted, starting again (%d/%d)",
+                    copy["id"],
+                    e,
+                    attempt + 1,
+                    UPLOAD_ATTEMPTS,
+                )
             ctx.sleep(ctx.poll_interval)
             continue
         except GlanceHTTPError as e:
@@ -134,15 +144,28 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
                 raise
         if not _usable_copy(ctx, row, uploaded):
             ctx.glance.delete_image(copy["id"])
+            # The spool file was verified when written; if it fed these bytes it changed since: never reuse it.
+            dropped = ctx.spool is not None and ctx.spool.remove(row.image_id)
             raise IntegrityFailure(
                 f"the copy in {ctx.to_store} does not match the image: {fingerprint(uploaded)} "
-                f"in stores {uploaded.get('stores')!r}"
+                f"in stores {uploaded.get('stores')!r}; copy deleted"
+                + ("; spool file removed, `retry` downloads the image again" if dropped else "")
             )
         return StepResult(
-            f"copy {copy['id']} created in {ctx.to_store}, size and hashes verified", {"copy_image_id": copy["id"]}
+            f"copy {copy['id']} created in {ctx.to_store}, size and hashes verified{again}",
+            {"copy_image_id": copy["id"]},
         )
     assert last_error is not None
     raise last_error
+
+
+def _spool_again(ctx: StepContext, row: ImageRow, source: dict[str, Any]) -> str:
+    """A spool file removed since its download (a cleaner, an operator, a lost disk) is downloaded again."""
+    if ctx.spool is None or ctx.spool.path(row.image_id).exists():
+        return ""
+    log.warning("%s: spool file %s is missing; downloading the image again", row.image_id, ctx.spool.path(row.image_id))
+    check_unchanged(row, source, "before downloading again")
+    return f" (spool file was missing: {_spool_file(ctx, ctx.spool, row)})"
 
 
 def _create_copy_record(ctx: StepContext, row: ImageRow, source: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +316,38 @@ def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
     hasher = _transfer(ctx, "the final download", fetch)
     hasher.check(row, f"final download from {ctx.to_store}")
     return StepResult(f"served from {ctx.to_store}, {hasher.size} bytes, hashes match", {"after_stores": ctx.to_store})
+
+
+def tidy_after_gone(ctx: StepContext, row: ImageRow) -> str:
+    """Someone deleted the image mid-migration: remove its copies B and its spool file, which nothing else uses.
+
+    Only once Glance says the image itself is gone (a step fails as "gone" also when B vanished). Before the
+    location swap B's data is B's alone; after it Glance deleted that shared data object with the image (it
+    deletes every location's data), so B would stay hidden and protected forever, `active` and serving nothing.
+    Only images naming this one in COPY_OF_PROPERTY are touched. Repeated after a crash, it finds less to do.
+    """
+    if ctx.glance.get_image(row.image_id) is not None:
+        return ""
+    copies = {copy["id"]: copy for copy in ctx.glance.find_copies(COPY_OF_PROPERTY, row.image_id)}
+    if row.copy_image_id and row.copy_image_id not in copies:
+        recorded = ctx.glance.get_image(row.copy_image_id)
+        if recorded is not None:
+            copies[row.copy_image_id] = recorded
+    notes = []
+    for copy_id, copy in copies.items():
+        if copy.get(COPY_OF_PROPERTY) != row.image_id:
+            continue  # not a copy of this image: never ours to delete
+        try:
+            if copy.get("protected"):
+                ctx.glance.patch(copy_id, [{"op": "replace", "path": "/protected", "value": False}])
+            ctx.glance.delete_image(copy_id)
+            notes.append(f"removed its copy {copy_id}")
+        except GlanceHTTPError as e:
+            if e.status != 404:  # 404: gone meanwhile, which is what we wanted
+                notes.append(f"could not remove its copy {copy_id} ({e}): delete it by hand")
+    if ctx.spool is not None and ctx.spool.remove(row.image_id):
+        notes.append("removed its spool file")
+    return "; ".join(notes)
 
 
 STEPS: dict[State, Step] = {
