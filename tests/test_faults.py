@@ -7,10 +7,12 @@ shared checkers verify the invariants (every image done, in the target store onl
 metadata unchanged, exactly one copy for location-swap) by asking Glance directly, not through the proxy.
 
 Scenarios: (a) 503 bursts, short and long, and a 503 to the upload of the copy; (b) connection resets in
-the middle of a download; (c) in the middle of the copy's upload; (e) lost answers (Glance acted, the
-answer never arrived). Not here: (d) a stall longer than the tool's read timeout: glance.TIMEOUT reads for
-300 s and nothing shortens it, so such a test would take over 5 minutes (the proxy's stalls themselves are
-checked in the first test).
+the middle of a download; (c) in the middle of the copy's upload; (d) stalls longer than the tool's read
+timeout (`--timeout`, set to STALL_TIMEOUT through GLANCE_MIGRATOR_TIMEOUT): before the answer to an API
+call of a copy-image run (a GET, the import POST, the store DELETE: Glance may have acted on the last two),
+and in the middle of a download's body in a location-swap run, spooled and not; each run must end well
+before the stall would have, so the tool really gave up on the silent connection; (e) lost answers (Glance
+acted, the answer never arrived).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import http.client
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,8 +38,6 @@ from glance_migrator.errors import EXIT_CLOUD, EXIT_OK
 from tests.faultproxy import IMAGE_DATA, FaultProxy
 from tests.glancetools import (
     Seeded,
-    assert_migrated,
-    assert_swapped,
     cli,
     cli_popen,
     copies_of,
@@ -45,10 +46,14 @@ from tests.glancetools import (
     status_json,
     wait_for,
 )
+from tests.invariants import Invariants
+from tests.lab import CEPH_POOL
 
 MiB = 1 << 20
 RUN_TIMEOUT = 180.0  # one CLI run of a few images, on a busy 2-CPU machine
 SAVED = "progress is saved"  # what a run stopped by GlanceUnavailable says
+STALL_TIMEOUT = 4  # the tool's --timeout (GLANCE_MIGRATOR_TIMEOUT) in the stall tests: a silent Glance is given up on
+STALL = 90.0  # how long the proxy holds a stalled answer: a run that waited for it would take longer than this
 
 
 @dataclass
@@ -58,7 +63,14 @@ class Proxied:
     env: dict[str, str]  # the tool's environment: its clouds.yaml sends the Image API through the proxy
     conn: Connection  # straight to Glance, for seeding and checking
     tmp: Path
+    invariants: Invariants
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def check(self, images: list[Seeded]) -> None:
+        """The shared invariants (tests/invariants.py), asked of Glance directly, with the faults as injected."""
+        _used_the_proxy(self, images)
+        db, faults = self.tmp / "state.db", dict(self.proxy.injected)
+        self.invariants.check(self.lab, self.conn, db, self.env, images, faults=faults)
 
     def popen(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
         proc = cli_popen(*args, env=self.env, log=log)
@@ -88,11 +100,11 @@ def proxied_clouds_yaml(lab: Any, proxy: FaultProxy, directory: Path) -> Path:
 
 
 @contextmanager
-def _proxied(lab: Any, tmp_path: Path) -> Iterator[Proxied]:
+def _proxied(lab: Any, tmp_path: Path, invariants: Invariants) -> Iterator[Proxied]:
     proxy = FaultProxy(lab.glance_port).start()
     env = {**lab.env(), "OS_CLIENT_CONFIG_FILE": str(proxied_clouds_yaml(lab, proxy, tmp_path))}
     conn = lab.connect()
-    here = Proxied(lab, proxy, env, conn, tmp_path)
+    here = Proxied(lab, proxy, env, conn, tmp_path, invariants)
     try:
         yield here
     finally:
@@ -106,21 +118,22 @@ def _proxied(lab: Any, tmp_path: Path) -> Iterator[Proxied]:
 
 
 @pytest.fixture
-def via_proxy(lab: Any, tmp_path: Path) -> Iterator[Proxied]:
+def via_proxy(lab: Any, tmp_path: Path, invariants: Invariants) -> Iterator[Proxied]:
     """The `lab` (stores old, new) behind a fault proxy."""
-    with _proxied(lab, tmp_path) as here:
+    with _proxied(lab, tmp_path, invariants) as here:
         yield here
 
 
 @pytest.fixture
-def full_via_proxy(full_lab: Any, tmp_path: Path) -> Iterator[Proxied]:
+def full_via_proxy(full_lab: Any, tmp_path: Path, invariants: Invariants) -> Iterator[Proxied]:
     """The `full_lab` (stores old, new, s3, ceph) behind a fault proxy."""
-    with _proxied(full_lab, tmp_path) as here:
+    with _proxied(full_lab, tmp_path, invariants) as here:
         yield here
 
 
 def _seed(conn: Connection, prefix: str, sizes: list[int]) -> list[Seeded]:
-    demo = conn.identity.find_project("demo").id
+    identity: Any = conn.identity  # (a v2 or v3 proxy to mypy; the lab speaks v3)
+    demo = identity.find_project("demo").id
     kinds: list[dict[str, Any]] = [
         {"visibility": "shared", "members": [demo], "tags": ["gold"]},
         {"hidden": True, "os_distro": "cirros"},
@@ -158,6 +171,7 @@ def test_the_proxy_injects_what_it_is_told(via_proxy: Proxied) -> None:
     data = os.urandom(3 * MiB)
     seeded = seed_image(p.conn, "proxy-self-test", data)
     token = p.conn.session.get_token()
+    assert token is not None
     headers = {"X-Auth-Token": token}
 
     def get(path: str, timeout: float = 30) -> tuple[int, bytes]:
@@ -174,7 +188,7 @@ def test_the_proxy_injects_what_it_is_told(via_proxy: Proxied) -> None:
         config_files=[p.env["OS_CLIENT_CONFIG_FILE"]], vendor_files=[], secure_files=[], load_envvars=False
     )
     sdk = openstack.connection.Connection(config=config.get_one("lab-admin"))
-    assert sdk.image.get_endpoint().startswith(p.proxy.url)
+    assert str(sdk.image.get_endpoint()).startswith(p.proxy.url)
     assert sdk.image.get(f"/images/{seeded.id}").json()["id"] == seeded.id
     sdk.close()
 
@@ -253,7 +267,8 @@ def test_short_503_bursts_are_retried_transparently(via_proxy: Proxied) -> None:
     p.proxy.burst_503(3)  # hits the preflight
     proc = p.popen("run", "--from-store", "old", "--to-store", "new", *_select(images), "--db", str(db),
                    "--workers", "2", log=log)  # fmt: skip
-    for threshold, burst in ((2, {}), (6, {"retry_after": 0, "count": 5})):  # and two more in mid-run
+    bursts: list[tuple[int, dict[str, Any]]] = [(2, {}), (6, {"retry_after": 0, "count": 5})]
+    for threshold, burst in bursts:  # and two more in mid-run
         assert wait_for(lambda t=threshold: event_count(db) >= t or proc.poll() is not None, timeout=90)
         assert proc.poll() is None, f"the run ended before the burst at {threshold} events\n{log.read_text()}"
         p.proxy.burst_503(**{"count": 3, **burst})
@@ -262,9 +277,7 @@ def test_short_503_bursts_are_retried_transparently(via_proxy: Proxied) -> None:
     assert rc == EXIT_OK, f"{output}\n{p.proxy.report()}"
     assert p.proxy.injected["503"] == 11 and p.proxy.armed() == 0, p.proxy.report()
     assert "Retrying" in output and "Traceback" not in output, output  # the tool's own retry (tenacity)
-    _used_the_proxy(p, images)
-    for seeded in images:
-        assert_migrated(p.conn, p.lab, seeded, "old", "new")
+    p.check(images)
     doc = status_json(db, p.env)
     assert doc["run"]["complete"] and doc["counts"]["done"] == len(images)
 
@@ -291,9 +304,7 @@ def test_long_503_outage_stops_the_run_resumably_then_resume_finishes(via_proxy:
     p.proxy.pass_through()
     resumed = p.run("run", "--resume", "--db", str(db))
     assert resumed.returncode == EXIT_OK, resumed.stderr
-    _used_the_proxy(p, images)
-    for seeded in images:
-        assert_migrated(p.conn, p.lab, seeded, "old", "new")
+    p.check(images)
     doc = status_json(db, p.env)
     assert doc["run"]["complete"] and doc["counts"]["done"] == len(images)
 
@@ -303,11 +314,11 @@ def test_long_503_outage_stops_the_run_resumably_then_resume_finishes(via_proxy:
 # --------------------------------------------------------------------------------------------------
 
 
-def _swap_with_faults(p: Proxied, images: list[Seeded], spooled: bool) -> tuple[int, str]:
-    """Run a location-swap to s3 with the faults armed; then, if it stopped, resume without faults."""
+def _swap_with_faults(p: Proxied, images: list[Seeded], spooled: bool, target: str = "s3") -> tuple[int, str]:
+    """Run a location-swap to `target` with the faults armed; then, if it stopped, resume without faults."""
     db = p.tmp / "state.db"
     spool = ["--spool-dir", str(p.tmp / "spool")] if spooled else ["--no-spool"]
-    first = p.run("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap",
+    first = p.run("run", "--from-store", "old", "--to-store", target, "--strategy", "location-swap",
                   *_select(images), *spool, "--db", str(db))  # fmt: skip
     (p.tmp / "run.log").write_text(first.stderr)
     report = p.proxy.report()
@@ -320,21 +331,26 @@ def _swap_with_faults(p: Proxied, images: list[Seeded], spooled: bool) -> tuple[
     return first.returncode, first.stderr
 
 
-def _check_swapped(p: Proxied, images: list[Seeded], s3_before: set[str], spooled: bool) -> None:
-    _used_the_proxy(p, images)
+def _store_objects(lab: Any, target: str) -> set[str]:
+    """What the backend of store `target` holds: S3 object keys, or RBD image names in the Ceph pool."""
+    return set(lab.s3_objects()) if target == "s3" else set(lab.rbd("ls", CEPH_POOL).split())
+
+
+def _check_swapped(p: Proxied, images: list[Seeded], before: set[str], spooled: bool, target: str = "s3") -> None:
+    """The invariants, and no object left in the backend (`before`: _store_objects then) by a broken transfer."""
     for seeded in images:
         copies = copies_of(p.conn, seeded.id)  # (assert_swapped checks this too, with a terse message)
         assert len(copies) == 1, f"{seeded.id}: {len(copies)} copies: " + "; ".join(
             f"{c['id']} status={c['status']} protected={c['protected']} stores={c.get('stores')!r}" for c in copies
         )
-        assert_swapped(p.conn, p.lab, seeded, "old", "s3")
+    p.check(images)
     db = p.tmp / "state.db"
     doc = status_json(db, p.env)
     assert doc["run"]["complete"] and doc["counts"]["done"] == len(images)
-    # No object left in S3 by a broken transfer: every new object is the data of one of our copies.
-    copies = {img["copy_image_id"] for img in doc["images"]}
-    new_objects = set(p.lab.s3_objects()) - s3_before
-    assert {key.rsplit("/", 1)[-1] for key in new_objects} == copies, (new_objects, copies)
+    # No object left in the backend by a broken transfer: every new object is the data of one of our copies.
+    copy_ids = {img["copy_image_id"] for img in doc["images"]}
+    new_objects = _store_objects(p.lab, target) - before
+    assert {key.rsplit("/", 1)[-1] for key in new_objects} == copy_ids, (new_objects, copy_ids)
     if spooled:
         assert list((p.tmp / "spool").iterdir()) == []
 
@@ -399,6 +415,79 @@ def test_503_on_the_upload_of_the_copy(full_via_proxy: Proxied, spooled: bool) -
 
 
 # --------------------------------------------------------------------------------------------------
+# (d) stalls: the answer stops coming, for far longer than the tool's read timeout
+# --------------------------------------------------------------------------------------------------
+
+
+def _gave_up_on_the_stalls(p: Proxied, times: int, elapsed: float, output: str) -> None:
+    """The stalls were injected, the tool timed out on them (saying so), and did not sit them out."""
+    assert p.proxy.injected["stall"] == times and p.proxy.armed() == 0, p.proxy.report()
+    assert "timed out" in output, f"no read timeout reported\n{output}\n{p.proxy.report()}"
+    # Had the tool waited for a stalled answer, the proxy would have cut it (RST) only after STALL seconds.
+    assert elapsed < STALL, f"the run took {elapsed:.0f} s: it sat out a {STALL:.0f} s stall\n{output}"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "times"),
+    [
+        ("GET", r"^/v2/images/[0-9a-f-]+$", 2),
+        ("POST", r"^/v2/images/[0-9a-f-]+/import$", 2),
+        ("DELETE", r"^/v2/stores/", 1),
+    ],
+    ids=["get-image", "import", "store-delete"],
+)
+def test_stall_before_the_answer_copy_image(via_proxy: Proxied, method: str, path: str, times: int) -> None:
+    """(d) Answers to a copy-image run's API calls are held back for STALL s (then cut), far beyond --timeout.
+
+    The tool gives up on each silent request after STALL_TIMEOUT s and sends it again. Glance had acted on a
+    stalled import POST or store DELETE: the repeated request meets the running copy (409) or the deleted
+    copy (404), and the tool must see that its first request landed.
+    """
+    p = via_proxy
+    p.env["GLANCE_MIGRATOR_TIMEOUT"] = str(STALL_TIMEOUT)
+    images = _seed(p.conn, f"stall-{method}", [5 * MiB, 64 * 1024, MiB])
+    db, log = p.tmp / "state.db", p.tmp / "run.log"
+    started = time.monotonic()
+    proc = p.popen("run", "--from-store", "old", "--to-store", "new", *_select(images), "--db", str(db), log=log)
+    # Armed once the first image has its copy requested: the stalls hit the steps, not discovery.
+    assert wait_for(lambda: event_count(db) >= 1 or proc.poll() is not None, timeout=90)
+    assert proc.poll() is None, f"the run ended before the stall was armed\n{log.read_text()}"
+    p.proxy.stall(STALL, times=times, method=method, path=path)
+    rc = p.wait(proc, log)
+    elapsed = time.monotonic() - started
+    output = log.read_text()
+    report = p.proxy.report()
+    p.proxy.pass_through()
+    _clean_stop(rc, output, report)
+    _gave_up_on_the_stalls(p, times, elapsed, output)
+    if rc != EXIT_OK:
+        resumed = p.run("run", "--resume", "--db", str(db))
+        assert resumed.returncode == EXIT_OK, resumed.stderr
+    p.check(images)
+    doc = status_json(db, p.env)
+    assert doc["run"]["complete"] and doc["counts"]["done"] == len(images), doc["counts"]
+
+
+@pytest.mark.parametrize(("target", "spooled"), [("s3", True), ("ceph", False)], ids=["s3-spool", "ceph-no-spool"])
+def test_stall_in_the_middle_of_a_download_location_swap(full_via_proxy: Proxied, target: str, spooled: bool) -> None:
+    """(d) Two downloads of image data stall after 1 MiB of their body, for STALL s, far beyond --timeout.
+
+    The tool gives up on each after STALL_TIMEOUT s and downloads again from the first byte; with --no-spool the
+    upload the download was feeding is abandoned and its copy deleted. Nothing is left in the target store but
+    the one copy of each image.
+    """
+    p = full_via_proxy
+    p.env["GLANCE_MIGRATOR_TIMEOUT"] = str(STALL_TIMEOUT)
+    images = _seed(p.conn, f"stall-body-{target}", [5 * MiB, 3 * MiB + 1, 64 * 1024])
+    before = _store_objects(p.lab, target)
+    p.proxy.stall(STALL, after_bytes=MiB, times=2, path=IMAGE_DATA, method="GET")
+    started = time.monotonic()
+    _, output = _swap_with_faults(p, images, spooled, target)
+    _gave_up_on_the_stalls(p, 2, time.monotonic() - started, output)
+    _check_swapped(p, images, before, spooled, target)
+
+
+# --------------------------------------------------------------------------------------------------
 # (e) lost answers: Glance did what was asked, but the answer never arrived (RST before its first byte)
 # --------------------------------------------------------------------------------------------------
 
@@ -418,8 +507,7 @@ def test_lost_answers_copy_image(via_proxy: Proxied) -> None:
     if rc != EXIT_OK:
         resumed = p.run("run", "--resume", "--db", str(db))
         assert resumed.returncode == EXIT_OK, resumed.stderr
-    for seeded in images:
-        assert_migrated(p.conn, p.lab, seeded, "old", "new")
+    p.check(images)
 
 
 @pytest.mark.parametrize(
