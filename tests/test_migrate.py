@@ -10,6 +10,7 @@ import os
 import random
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple, cast
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_STATE_DB, Aborted
+from glance_migrator.errors import EXIT_CLOUD, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_STATE_DB, Aborted
 from glance_migrator.runner import Runner, graceful_interrupts
 from tests.glancetools import (
     CLI,
@@ -695,27 +696,12 @@ def _kill_exactly(proc: subprocess.Popen[bytes], db: Path, gate: _LogGate, state
     """SIGKILL the runner exactly after it recorded an image's step into `state`, before its next statement.
     The DB's write lock holds that record back until the runner's log line before it is out and the gate is
     shut; released, the runner records the step and blocks writing the line that logs it. Returns the image."""
-    image = None
     if state == "pending":  # the gate was shut before the runner started: it blocks on its first line
         recorded = wait_for(lambda: _peek(db, _nothing_done_yet) is not None, timeout=60)
         assert recorded, "no run recorded: did the runner write something before its 'run N: ... found' line?"
         image = _peek(db, _nothing_done_yet)
     else:
-        before = COPY_PATH[COPY_PATH.index(state) - 1]
-        find = _taken_up if before == "pending" else _recorded_into(before)  # taken up: its earlier lines are out
-        deadline = time.monotonic() + 180
-        while image is None:
-            assert proc.poll() is None and time.monotonic() < deadline, f"never reached {state}:\n{gate.text}"
-            if _peek(db, find) is None:
-                time.sleep(0.005)
-                continue
-            with _db_writes_held(db) as locked:
-                image = find(locked)
-                if image is not None:
-                    if before != "pending":  # its line for `before` is out; the next one logs `state`
-                        assert wait_for(functools.partial(gate.logged, image, before), timeout=20), gate.text
-                    gate.shut()
-        assert wait_for(lambda: _peek(db, _state_of(str(image))) == state, timeout=30), (image, state)
+        image = _held_after(proc, db, gate, state)
     assert image is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -824,3 +810,283 @@ def test_copy_image_survives_kill_9_at_every_state_boundary_and_mid_copy(
     # Every image done, in new only, same bytes, UUID, metadata and members; no lease left, not even the dead
     # runner's; status agrees with Glance.
     invariants.check(lab, admin_conn, db, env, images, faults={"SIGKILL": kills}, label=where)
+
+
+# -- glance-api restarted in the middle of a copy-image run ----------------------------------------------------
+
+STUCK_AFTER_S = 20  # --stuck-after of these tests (the tool's default is 600): a dead copy is failed in 20 s
+BIG = 256 * MiB  # Glance copies this in ~3.5 s here (old -> staging, then staging -> new): long enough to catch
+
+
+def _copy_task(conn: Connection, image_id: str) -> str | None:
+    """The Glance task copying the image to store new right now (it holds the import lock), else None."""
+    image = raw_image(conn, image_id) or {}
+    importing = str(image.get("os_glance_importing_to_stores") or "").split(",")
+    task = image.get("os_glance_import_task")
+    return str(task) if task and "new" in importing else None
+
+
+def _glance_task(conn: Connection, task_id: str) -> dict[str, Any]:
+    resp = conn.image.get(f"/tasks/{task_id}")
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def _start_copy_run(images: list[Seeded], log: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    ids = [a for s in images for a in ("--image", s.id)]
+    return cli_popen("run", "--from-store", "old", "--to-store", "new", "--strategy", "copy-image", *ids, *args,
+                     env=env, log=log)  # fmt: skip
+
+
+def _wait_copying(conn: Connection, seeded: Seeded, proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Wait (polling Glance directly) until Glance's copy task for `seeded` runs; returns the task's id."""
+    seen: list[str] = []
+
+    def copying() -> bool:
+        task = _copy_task(conn, seeded.id)
+        if task is not None:
+            seen.append(task)
+        return task is not None or proc.poll() is not None
+
+    assert wait_for(copying, timeout=120, interval=0.02), f"no copy of {seeded.id} seen:\n{log.read_text()}"
+    assert seen and proc.poll() is None, f"the run ended before the copy was seen:\n{log.read_text()}"
+    return seen[0]
+
+
+def _ride_out(rc: int, text: str, resume: list[str], env: dict[str, str]) -> int:
+    """`rc`, the exit code of the run that saw Glance restart (`text`, its output); if it stopped resumably (exit 3:
+    Glance was unreachable for longer than its retries last), that of `run --resume`."""
+    assert "Traceback" not in text, text
+    if rc != EXIT_CLOUD:
+        return rc
+    assert "progress is saved" in text, text
+    resumed = cli("run", "--resume", *resume, env=env)
+    assert "Traceback" not in resumed.stderr, resumed.stderr
+    return resumed.returncode
+
+
+def _kill_glance(lab: Any) -> None:
+    """SIGKILL glance-api's process group (uWSGI master, worker, the copy's thread) and wait until each of them has
+    exited: a dying process no longer shows its command line (the lab's stop skips it) but may still hold the port."""
+    pgid = int((lab.run_dir / "glance.pid").read_text())
+    os.killpg(pgid, signal.SIGKILL)
+
+    def gone() -> bool:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
+                if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                    return False
+        return True
+
+    assert wait_for(gone, timeout=30), f"glance-api's processes (group {pgid}) outlived SIGKILL"
+
+    def bindable() -> bool:  # as uWSGI binds (SO_REUSEADDR): TIME_WAIT is fine, a FIN_WAIT of a killed answer not
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", lab.glance_port))
+            except OSError:
+                return False
+            return True
+
+    assert wait_for(bindable, timeout=90, interval=0.2), f"port {lab.glance_port} still held after the kill"
+
+
+def _stop_runner(proc: subprocess.Popen[bytes]) -> None:
+    """A runner a failed assertion left running (ours, by its pid)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@dataclass(frozen=True)
+class _MidCopy:
+    """A copy-image run during which glance-api went down while copying its first image, `big`."""
+
+    big: Seeded
+    images: list[Seeded]
+    db: Path
+    text: str  # the runners' output
+    task: dict[str, Any]  # Glance's copy task of `big`, as glance-api showed it once it was back
+    locked: bool  # that task still held the image's import lock then
+    partial: int  # the size of the target file then (whole if the copy finished)
+    rc: int  # the run's exit code (that of `run --resume` if it had stopped with exit 3)
+
+
+def _glance_down_mid_copy(lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, how: str) -> _MidCopy:
+    """Run copy-image (--stuck-after 20) on a BIG image, taken first, and three small ones. While Glance writes the
+    big one into store new, take glance-api down `how` and start it again, then wait for the run to end (resumed if it
+    stopped with exit 3). how: "restart" (lab.restart_glance()), "restart-busy" (the same while glance-api streams
+    that image to a client that reads nothing) or "kill" (SIGKILL to glance-api, then started again)."""
+    big = seed_image(conn, f"{how}-copy-big", os.urandom(BIG))
+    images = [big, *(seed_image(conn, f"{how}-copy-{i}", os.urandom(MiB + i)) for i in range(3))]
+    db, log = tmp_path / "state.db", tmp_path / "runner.log"
+    target = lab.store_dir("new") / big.id
+    common = ["--db", str(db), "--stuck-after", str(STUCK_AFTER_S)]
+    proc = _start_copy_run(images, log, env, "--order", "largest", *common)  # the big image first
+    try:
+        task_id = _wait_copying(conn, big, proc, log)
+        # Glance copies old -> staging, then staging -> new: go down while it writes the target file.
+        assert wait_for(target.exists, timeout=60, interval=0.01), _glance_task(conn, task_id)
+        with contextlib.ExitStack() as busy:
+            if how == "kill":
+                _kill_glance(lab)
+            elif how == "restart-busy":  # a download in progress: the uWSGI worker is busy when told to stop
+                busy.enter_context(contextlib.closing(conn.image.get(f"/images/{big.id}/file", stream=True)))
+            lab.restart_glance()  # after a kill, it only starts glance-api again
+        task = _glance_task(conn, task_id)
+        locked, partial = _copy_task(conn, big.id) == task_id, target.stat().st_size
+        rc = _ride_out(proc.wait(timeout=300), log.read_text(), common, env)
+    finally:
+        _stop_runner(proc)
+    return _MidCopy(big, images, db, log.read_text(), task, locked, partial, rc)
+
+
+def _check_dead_copy(lab: Any, conn: Connection, env: dict[str, str], run: _MidCopy, invariants: Invariants,
+                     fault: str, label: str = "", free: bool = True) -> None:  # fmt: skip
+    """The copy of run.big died with glance-api: the run failed that image only, for no progress, losing nothing."""
+    target, staged = lab.store_dir("new") / run.big.id, lab.root / "data" / "staging" / run.big.id
+    task_id = run.task["id"]
+    assert run.task["status"] == "processing" and run.locked, run.task  # nobody will finish it; it keeps the lock
+    assert run.partial < BIG and staged.stat().st_size == BIG, (run.partial, staged.stat().st_size)
+    assert run.rc == EXIT_PARTIAL, run.text
+    row = {img["id"]: img for img in status_json(run.db, env)["images"]}[run.big.id]
+    assert row["failed_at"] == "copy-requested", row
+    assert "no progress" in row["error"] and task_id in row["error"] and "lock" in row["error"], row
+    expect = {run.big.id: "failed"}
+    invariants.check(lab, conn, run.db, env, run.images, faults={fault: 1}, expect=expect, label=label)
+    # Glance's leftovers, unchanged: the dead task holding the lock, its staging copy, and the partial file where the
+    # copy was going (no location names it: it serves nothing, but it is in the way of the next copy to store new).
+    assert _glance_task(conn, task_id)["status"] == "processing" and _copy_task(conn, run.big.id) == task_id
+    assert stores_of(conn, run.big.id) == {"old"}
+    assert staged.stat().st_size == BIG and target.stat().st_size == run.partial
+    if free:  # the disk, for the rest of the session (deleting the image removes its staging copy, not the target)
+        assert conn.image.delete(f"/images/{run.big.id}").status_code == 204
+        target.unlink()
+
+
+def test_glance_restarted_mid_copy_lets_the_copy_finish_and_the_run_rides_it_out(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
+) -> None:
+    """copy-image: glance-api restarted (SIGTERM) mid-copy, serving nothing else; Glance finishes the copy first
+
+    Glance 33 under uWSGI drains its task pool at exit (glance.common.wsgi_app.drain_workers, a uWSGI atexit hook):
+    the copy completes, its task ends in success and drops the lock before glance-api exits; the run rides the
+    restart out (or resumes after exit 3) and every image is done, each copied once. uWSGI skips atexit hooks in a
+    worker busy with a request (here, rarely, the runner's own poll): then the copy dies as in the next test, and
+    the image must end failed just the same."""
+    run = _glance_down_mid_copy(lab, admin_conn, env, tmp_path, "restart")
+    if run.task["status"] != "success":  # the worker was serving a request when it was stopped: no drain
+        _check_dead_copy(lab, admin_conn, env, run, invariants, "glance-api restart mid-copy", label="copy died")
+        return
+    assert not run.locked and run.partial == BIG and run.rc == EXIT_OK, run.text
+    assert not (lab.root / "data" / "staging" / run.big.id).exists()  # Glance removed its staging copy
+    for seeded in run.images:  # the tool never asked for a copy twice
+        tasks = admin_conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
+        assert [t["status"] for t in tasks] == ["success"], tasks
+    fault = {"glance-api restart mid-copy": 1}
+    invariants.check(lab, admin_conn, run.db, env, run.images, faults=fault, label="drained")
+
+
+def test_glance_restarted_mid_copy_while_serving_a_download_fails_that_image_only(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
+) -> None:
+    """copy-image: glance-api restarted mid-copy while serving a download; --stuck-after fails the dead copy only
+
+    uWSGI runs no atexit hook (so no drain_workers) in a worker busy with a request: the thread copying dies with
+    glance-api. Its task stays 'processing' and keeps the image's import lock (Glance breaks it only for an import
+    asked for 60 min or more after the task's last update), and Glance leaves its staging copy and a partial file in
+    store new. The run fails that image after --stuck-after seconds without progress, intact in store old, migrates
+    the others and exits 1."""
+    run = _glance_down_mid_copy(lab, admin_conn, env, tmp_path, "restart-busy")
+    _check_dead_copy(lab, admin_conn, env, run, invariants, "glance-api restart mid-copy")
+
+
+def test_glance_killed_mid_copy_fails_that_image_only(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
+) -> None:
+    """copy-image: glance-api killed (SIGKILL) mid-copy, then started again; --stuck-after fails the dead copy only
+
+    A crash, the OOM killer or a stop that outlasts its timeout: as in the test above, the copy's task stays
+    'processing' with the lock, the staging copy and a partial target file remain, and only that image fails."""
+    run = _glance_down_mid_copy(lab, admin_conn, env, tmp_path, "kill")
+    _check_dead_copy(lab, admin_conn, env, run, invariants, "glance-api SIGKILL mid-copy", free=False)
+    # An hour later, as the error says: the lock has expired, the partial file is removed, `retry` finishes it.
+    # (The hour passes in Glance's own database: its task's last update is moved back 61 minutes.)
+    with contextlib.closing(sqlite3.connect(lab.root / "glance.sqlite", timeout=30)) as glance_db, glance_db:
+        moved = glance_db.execute(
+            "UPDATE tasks SET updated_at = datetime(updated_at, '-61 minutes') WHERE id = ?", (run.task["id"],)
+        ).rowcount
+    assert moved == 1
+    (lab.store_dir("new") / run.big.id).unlink()
+    retried = cli("retry", run.big.id, "--db", str(run.db), env=env, timeout=300)
+    assert retried.returncode == EXIT_OK, retried.stderr
+    assert "lock of dead copy task" in retried.stderr, retried.stderr
+    invariants.check(lab, admin_conn, run.db, env, run.images, faults={"glance-api SIGKILL mid-copy": 1},
+                     label="lock expired, retried")  # fmt: skip
+
+
+def _held_after(proc: subprocess.Popen[bytes], db: Path, gate: _LogGate, state: str) -> str:
+    """Hold the runner exactly after it recorded an image's step into `state` (copy-requested or later): the DB's
+    write lock holds that record back until the runner's log line before it is out and the gate is shut; released,
+    the runner records the step and blocks writing the line that logs it, making no request, until gate.open().
+    Returns the image."""
+    before = COPY_PATH[COPY_PATH.index(state) - 1]
+    find = _taken_up if before == "pending" else _recorded_into(before)  # taken up: its earlier lines are out
+    image = None
+    deadline = time.monotonic() + 180
+    while image is None:
+        assert proc.poll() is None and time.monotonic() < deadline, f"never reached {state}:\n{gate.text}"
+        if _peek(db, find) is None:
+            time.sleep(0.005)
+            continue
+        with _db_writes_held(db) as locked:
+            image = find(locked)
+            if image is not None:
+                if before != "pending":  # its line for `before` is out; the next one logs `state`
+                    assert wait_for(functools.partial(gate.logged, image, before), timeout=20), gate.text
+                gate.shut()
+    assert wait_for(lambda: _peek(db, _state_of(str(image))) == state, timeout=30), (image, state)
+    return str(image)
+
+
+@pytest.mark.parametrize("after", ["copy-requested", "copied", "old-removed"])
+def test_glance_restarted_between_steps_the_copy_image_run_rides_it_out_or_resumes(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants, after: str
+) -> None:
+    """copy-image: glance-api restarted right after an image's step is recorded; every image done
+
+    The runner is held right after recording the step (no request in flight; at copy-requested Glance's copy is let
+    finish: a copy in flight is the tests above), glance-api is stopped, the runner goes on and meets it stopped
+    (connection refused, retried), then it starts again: the run rides it out, or stops resumably (exit 3) and
+    `run --resume` finishes it. No step recorded twice, no copy asked for twice."""
+    images = [seed_image(admin_conn, f"restart-{after}-{i}", os.urandom(MiB + 7 * i)) for i in range(5)]
+    db, log = tmp_path / "state.db", tmp_path / "runner.log"
+    ids = [a for s in images for a in ("--image", s.id)]
+    args = ["--db", str(db), "--stuck-after", str(STUCK_AFTER_S)]  # a copy that died would fail in 20 s, not 600
+    with _LogGate(log) as gate:
+        proc = gate.popen("run", "--from-store", "old", "--to-store", "new", "--strategy", "copy-image", *ids, *args,
+                          env=env)  # fmt: skip
+        image = _held_after(proc, db, gate, after)
+        pending = count_in_db(db, "SELECT count(*) FROM images WHERE state = 'pending'")
+        if after == "copy-requested":
+            assert wait_for(lambda: _copy_finished(admin_conn, image), timeout=60, interval=0.1)
+        lab.stop_glance()
+        gate.open()
+        met = wait_for(lambda: "Retrying" in gate.text, timeout=30)  # its next request met the stopped glance-api
+        lab.start_glance()
+        assert met, gate.text
+        first = proc.wait(timeout=300)
+    rc = _ride_out(first, log.read_text(), args, env)
+    assert rc == EXIT_OK, log.read_text()
+    assert pending == len(images) - 1, f"{pending} images pending when Glance went away"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        steps = conn.execute(
+            "SELECT image_id, from_state, to_state FROM events WHERE from_state IS NOT NULL ORDER BY id"
+        ).fetchall()
+    for seeded in images:  # each state entered once per image, in the order of the path
+        assert [(a, b) for i, a, b in steps if i == seeded.id] == list(itertools.pairwise(COPY_PATH)), steps
+        tasks = admin_conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
+        assert [t["status"] for t in tasks] == ["success"], tasks
+    invariants.check(lab, admin_conn, db, env, images, faults={"glance-api restart": 1}, label=after)

@@ -15,7 +15,9 @@ deleting while an import runs can leave a location without data, so we never del
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from glance_migrator.errors import ImageBlocked, ImageFailure, IntegrityFailure
@@ -30,8 +32,12 @@ from glance_migrator.state import State
 from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import check_unchanged
 
+log = logging.getLogger(__name__)
+
 MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running nor failed) is asked again
 LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks the lock of a dead task
+# Glance breaks a task's import lock, on the next import request, once the task was last updated this long ago.
+LOCK_EXPIRY: Final = {"pending": 7200.0, "processing": 3600.0}
 
 
 def _current(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
@@ -85,20 +91,38 @@ class _TaskWatch:
         self.seen: tuple[str, Any] | None = None
         self.since = time.monotonic()
 
-    def check(self, task_id: str) -> None:
+    def check(self, task_id: str) -> bool:
+        """True when the task's lock has expired by Glance's rule: a new request now breaks it (and copies).
+        Raises ImageFailure for a task that has not moved for ctx.stuck_after seconds."""
         task = self.ctx.glance.get_task(task_id)
         if task is None or task.get("status") in ("success", "failure"):
-            return  # finished or gone: the lock drops (or is broken by the next request)
+            return False  # finished or gone: the lock drops (or is broken by the next request)
+        if _age(task) > LOCK_EXPIRY.get(str(task.get("status")), LOCK_EXPIRY["processing"]):
+            return True
         mark = (task_id, task.get("updated_at"))
         if mark != self.seen:
             self.seen, self.since = mark, time.monotonic()
         elif time.monotonic() - self.since > self.ctx.stuck_after:
             raise ImageFailure(
                 f"Glance's copy task {task_id} is {task.get('status')} with no progress for "
-                f"{self.ctx.stuck_after:.0f} s (its worker died?). The image is intact in its old store. "
-                "Glance releases the task's lock 60 min (120 if pending) after its last update "
-                f"({task.get('updated_at')}); `glance-migrator retry` after that"
+                f"{self.ctx.stuck_after:.0f} s (its glance-api worker died?). The image is intact in "
+                f"{self.ctx.from_store}. Glance keeps it locked until a new import is asked for 60 min (120 if "
+                f"pending) after the task's last update ({task.get('updated_at')}): `glance-migrator retry` "
+                f"after that does it. A dead copy can leave a partial file of the image in {self.ctx.to_store} "
+                "(a file store: named after the image in its directory) that makes the next copy fail; remove it"
             )
+        return False
+
+
+def _age(task: dict[str, Any]) -> float:
+    """Seconds since the task's last update, by our clock (a skewed clock only makes a request come early: 409)."""
+    try:
+        updated = datetime.fromisoformat(str(task.get("updated_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if updated.tzinfo is None:
+        updated = updated.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - updated).total_seconds()
 
 
 def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
@@ -106,13 +130,16 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
     next_probe = time.monotonic() + LOCK_PROBE_INTERVAL
     requests_left = MAX_REREQUESTS
     watch = _TaskWatch(ctx)
+    expired: set[str] = set()  # dead tasks whose lock we asked Glance to break (then only the probes ask again)
     while True:
         image = _current(ctx, row)
         stores = image_stores(image)
         lock = _lock_holder(image)
-        if lock is not None:
-            watch.check(lock)
-        if lock is None:
+        if lock is not None and lock not in expired and watch.check(lock):
+            log.info("%s: the lock of dead copy task %s has expired; asking Glance to copy again", row.image_id, lock)
+            expired.add(lock)
+            _post_copy(ctx, row)  # Glance breaks the expired lock and starts a new task
+        elif lock is None:
             if ctx.to_store in stores:
                 check_unchanged(row, image, "after copy")
                 return StepResult(
