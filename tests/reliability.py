@@ -52,13 +52,24 @@ def _faults(faults: dict[str, int]) -> str:
     return ", ".join(f"{kind}: {count}" for kind, count in faults.items()) or "none"
 
 
+def _per_test(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One entry per test: a test that checks twice (e.g. failed, then retried) injected its faults once."""
+    tests: dict[str, dict[str, Any]] = {}
+    for r in records:
+        t = tests.setdefault(r["scenario"], {"faults": Counter(), "images": 0, "lost": 0})
+        for kind, count in r["faults"].items():
+            t["faults"][kind] = max(t["faults"][kind], count)
+        t["images"], t["lost"] = max(t["images"], r["images"]), max(t["lost"], r["lost"])
+    return tests
+
+
 def render(records: list[dict[str, Any]], suite_exit_code: int, command: str) -> str:
-    commit = _git("rev-parse", "--short", "HEAD") + (
-        " (with uncommitted changes)" if _git("status", "--porcelain") else ""
-    )
-    faults = sum(sum(r["faults"].values()) for r in records)
-    images = sum(r["images"] for r in records)
-    lost = sum(r["lost"] for r in records)
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain") else ""
+    commit = _git("rev-parse", "--short", "HEAD") + dirty
+    tests = _per_test(records)
+    faults = sum(sum(t["faults"].values()) for t in tests.values())
+    images = sum(t["images"] for t in tests.values())
+    lost = sum(t["lost"] for t in tests.values())
     suite = "passed" if suite_exit_code == 0 else f"FAILED (pytest exit code {suite_exit_code})"
     lines = [
         INTRO,
@@ -68,20 +79,21 @@ def render(records: list[dict[str, Any]], suite_exit_code: int, command: str) ->
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}",
         f"- Reproduce: `{command}` (writes this file)",
         f"- The suite: {suite}",
-        f"- Totals: {len(records)} scenario checks, {faults} faults injected, {images} images, **{lost} lost**",
+        f"- Totals: {len(tests)} scenarios ({len(records)} checks), {faults} faults injected, {images} images, "
+        f"**{lost} lost**",
         "",
         "| Scenario (test) | What happened to it | Faults injected | Images | Ended as | Lost |",
         "|---|---|---|---:|---|---:|",
     ]
-    for r in sorted(records, key=lambda r: r["scenario"]):
-        name = r["scenario"].removeprefix("tests/")
+    for r in sorted(records, key=lambda r: (r["scenario"], r["label"])):
+        name = r["scenario"].removeprefix("tests/") + (f" ({r['label']})" if r["label"] else "")
         lines.append(
             f"| `{name}` | {r['description']} | {_faults(r['faults'])} | {r['images']} | "
             f"{_states(r['states'])} | {r['lost']} |"
         )
     kinds: Counter[str] = Counter()
-    for r in records:
-        kinds.update(r["faults"])
+    for t in tests.values():
+        kinds.update(t["faults"])
     lines += ["", "## Faults by kind", "", "| Fault | Injected |", "|---|---:|"]
     lines += [f"| {kind} | {count} |" for kind, count in sorted(kinds.items())]
     return "\n".join(lines) + "\n"
@@ -98,7 +110,8 @@ def main() -> None:
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(records, args.suite_exit_code, args.command))
-    print(f"{args.output}: {len(records)} scenario checks, {sum(r['lost'] for r in records)} images lost")
+    lost = sum(t["lost"] for t in _per_test(records).values())
+    print(f"{args.output}: {len(records)} scenario checks, {lost} images lost")
 
 
 if __name__ == "__main__":

@@ -809,7 +809,7 @@ def test_copy_image_survives_kill_9_at_every_state_boundary_and_mid_copy(
     assert attempts == {i: row.attempts + (row.state != "done") for i, row in at_kill.items()}, (at_kill, attempts)
     # Every image done, in new only, same bytes, UUID, metadata and members; no lease left, not even the dead
     # runner's; status agrees with Glance.
-    invariants.check(lab, admin_conn, db, env, images, faults={"SIGKILL": kills}, label=where)
+    invariants.check(lab, admin_conn, db, env, images, faults={"SIGKILL": kills})
 
 
 # -- glance-api restarted in the middle of a copy-image run ----------------------------------------------------
@@ -1089,4 +1089,4 @@ def test_glance_restarted_between_steps_the_copy_image_run_rides_it_out_or_resum
         assert [(a, b) for i, a, b in steps if i == seeded.id] == list(itertools.pairwise(COPY_PATH)), steps
         tasks = admin_conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
         assert [t["status"] for t in tasks] == ["success"], tasks
-    invariants.check(lab, admin_conn, db, env, images, faults={"glance-api restart": 1}, label=after)
+    invariants.check(lab, admin_conn, db, env, images, faults={"glance-api restart": 1})
