@@ -17,6 +17,8 @@ from typing import Any
 
 from openstack.connection import Connection
 
+from tests.lab import CEPH_POOL
+
 # Keys that legitimately change when an image's data moves between stores.
 VOLATILE = {
     "updated_at",
@@ -143,6 +145,14 @@ def assert_migrated(conn: Connection, lab: Any, seeded: Seeded, from_store: str,
         assert not (lab.store_dir(from_store) / seeded.id).exists(), "old data file left behind"
     if lab.store(to_store).driver == "file":
         assert (lab.store_dir(to_store) / seeded.id).exists()
+
+
+def backend_objects(lab: Any, store: str) -> set[str]:
+    """The image ids whose data the backend of `store` (s3 or rbd) holds: S3 object keys' last part, or the
+    RBD image names in the Ceph pool. Taken before and after a scenario: what a broken transfer left behind."""
+    if lab.store(store).driver == "s3":
+        return {key.rsplit("/", 1)[-1] for key in lab.s3_objects()}
+    return set(lab.rbd("ls", CEPH_POOL).split())
 
 
 def delete_all_images(conn: Connection) -> None:

@@ -38,6 +38,7 @@ from glance_migrator.errors import EXIT_CLOUD, EXIT_OK
 from tests.faultproxy import IMAGE_DATA, FaultProxy
 from tests.glancetools import (
     Seeded,
+    backend_objects,
     cli,
     cli_popen,
     copies_of,
@@ -47,7 +48,6 @@ from tests.glancetools import (
     wait_for,
 )
 from tests.invariants import Invariants
-from tests.lab import CEPH_POOL
 
 MiB = 1 << 20
 RUN_TIMEOUT = 180.0  # one CLI run of a few images, on a busy 2-CPU machine
@@ -331,13 +331,8 @@ def _swap_with_faults(p: Proxied, images: list[Seeded], spooled: bool, target: s
     return first.returncode, first.stderr
 
 
-def _store_objects(lab: Any, target: str) -> set[str]:
-    """What the backend of store `target` holds: S3 object keys, or RBD image names in the Ceph pool."""
-    return set(lab.s3_objects()) if target == "s3" else set(lab.rbd("ls", CEPH_POOL).split())
-
-
 def _check_swapped(p: Proxied, images: list[Seeded], before: set[str], spooled: bool, target: str = "s3") -> None:
-    """The invariants, and no object left in the backend (`before`: _store_objects then) by a broken transfer."""
+    """The invariants, and no object left in the backend (`before`: backend_objects then) by a broken transfer."""
     for seeded in images:
         copies = copies_of(p.conn, seeded.id)  # (assert_swapped checks this too, with a terse message)
         assert len(copies) == 1, f"{seeded.id}: {len(copies)} copies: " + "; ".join(
@@ -349,8 +344,8 @@ def _check_swapped(p: Proxied, images: list[Seeded], before: set[str], spooled: 
     assert doc["run"]["complete"] and doc["counts"]["done"] == len(images)
     # No object left in the backend by a broken transfer: every new object is the data of one of our copies.
     copy_ids = {img["copy_image_id"] for img in doc["images"]}
-    new_objects = _store_objects(p.lab, target) - before
-    assert {key.rsplit("/", 1)[-1] for key in new_objects} == copy_ids, (new_objects, copy_ids)
+    new_objects = backend_objects(p.lab, target) - before
+    assert new_objects == copy_ids, (new_objects, copy_ids)
     if spooled:
         assert list((p.tmp / "spool").iterdir()) == []
 
@@ -360,7 +355,7 @@ def test_connection_reset_mid_download(full_via_proxy: Proxied, spooled: bool) -
     """(b) Two downloads of image data break after 1 MiB (RST); the run rides it out or stops resumably."""
     p = full_via_proxy
     images = _seed(p.conn, f"reset-get-{spooled}", [5 * MiB, 3 * MiB + 1, 64 * 1024])
-    s3_before = set(p.lab.s3_objects())
+    s3_before = backend_objects(p.lab, "s3")
     p.proxy.reset_response(MiB, times=2, path=IMAGE_DATA, method="GET")
     _swap_with_faults(p, images, spooled)
     assert p.proxy.injected["reset_response"] >= 1, p.proxy.report()
@@ -372,7 +367,7 @@ def test_connection_reset_mid_upload_of_the_copy(full_via_proxy: Proxied, spoole
     """(c) Two uploads of the copy into s3 break after 1 MiB (RST): the broken copy is deleted, the upload redone."""
     p = full_via_proxy
     images = _seed(p.conn, f"reset-put-{spooled}", [5 * MiB, 3 * MiB + 1, 64 * 1024])
-    s3_before = set(p.lab.s3_objects())
+    s3_before = backend_objects(p.lab, "s3")
     p.proxy.reset_request(MiB, times=2, path=IMAGE_DATA, method="PUT")
     _swap_with_faults(p, images, spooled)
     assert p.proxy.injected["reset_request"] >= 1, p.proxy.report()
@@ -391,7 +386,7 @@ def test_503_on_the_upload_of_the_copy(full_via_proxy: Proxied, spooled: bool) -
     send that request again (it makes a new copy and uploads that instead)."""
     p = full_via_proxy
     images = _seed(p.conn, f"put-503-{spooled}", [5 * MiB, 64 * 1024])
-    s3_before = set(p.lab.s3_objects())
+    s3_before = backend_objects(p.lab, "s3")
     p.proxy.burst_503(1, path=IMAGE_DATA, method="PUT")
     db, log = p.tmp / "state.db", p.tmp / "run.log"
     spool = ["--spool-dir", str(p.tmp / "spool")] if spooled else ["--no-spool"]
@@ -479,7 +474,7 @@ def test_stall_in_the_middle_of_a_download_location_swap(full_via_proxy: Proxied
     p = full_via_proxy
     p.env["GLANCE_MIGRATOR_TIMEOUT"] = str(STALL_TIMEOUT)
     images = _seed(p.conn, f"stall-body-{target}", [5 * MiB, 3 * MiB + 1, 64 * 1024])
-    before = _store_objects(p.lab, target)
+    before = backend_objects(p.lab, target)
     p.proxy.stall(STALL, after_bytes=MiB, times=2, path=IMAGE_DATA, method="GET")
     started = time.monotonic()
     _, output = _swap_with_faults(p, images, spooled, target)
@@ -519,7 +514,7 @@ def test_lost_answers_location_swap(full_via_proxy: Proxied, method: str, path: 
     """Every other answer to the copy's creation, or to the patches (protect, add and remove locations), is lost."""
     p = full_via_proxy
     images = _seed(p.conn, f"lost-{method}", [5 * MiB, 64 * 1024, MiB])
-    s3_before = set(p.lab.s3_objects())
+    s3_before = backend_objects(p.lab, "s3")
     p.proxy.drop_response(times=times, method=method, path=path, every=2)
     _swap_with_faults(p, images, spooled=True)
     assert p.proxy.injected["drop_response"] == times, p.proxy.report()

@@ -34,6 +34,7 @@ from openstack.connection import Connection
 from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from tests.glancetools import (
     Seeded,
+    backend_objects,
     cli,
     cli_popen,
     copies_of,
@@ -47,7 +48,6 @@ from tests.glancetools import (
     wait_for,
 )
 from tests.invariants import Invariants
-from tests.lab import CEPH_POOL
 
 MiB = 1 << 20
 GONE = {"SIGKILL": 1, "image deleted by someone else": 1}
@@ -194,13 +194,6 @@ def test_image_deleted_during_copy_image(
     assert wait_for(lambda: not any(p.exists() for p in leftovers), timeout=60), f"left behind: {leftovers} ({at})"
 
 
-def _store_objects(lab: Any, target: str) -> set[str]:
-    """What the target store's backend holds, by image id: S3 object keys' last part, or RBD image names."""
-    if target == "s3":
-        return {key.rsplit("/", 1)[-1] for key in lab.s3_objects()}
-    return set(lab.rbd("ls", CEPH_POOL).split())
-
-
 @pytest.mark.parametrize(
     ("target", "after", "spooled"),
     [
@@ -217,7 +210,7 @@ def test_image_deleted_during_location_swap(
     """location-swap: the image is deleted at a step boundary; its copy B and spool file must not outlive it."""
     conn, env = full_conn, full_lab.env()
     victim, others = _images(conn, f"gone-swap-{target}-{after}")
-    objects_before = _store_objects(full_lab, target)
+    objects_before = backend_objects(full_lab, target)
     db, log, spool = tmp_path / "state.db", tmp_path / "run.log", tmp_path / "spool"
     mode = ["--spool-dir", str(spool)] if spooled else ["--no-spool"]
     start = ["run", "--from-store", "old", "--to-store", target, "--strategy", "location-swap",
@@ -244,7 +237,7 @@ def test_image_deleted_during_location_swap(
         assert list(spool.iterdir()) == [], f"spool files left behind: {list(spool.iterdir())}"
     doc = status_json(db, env)
     copies = {img["copy_image_id"] for img in doc["images"] if img["state"] == "done"}
-    new_objects = _store_objects(full_lab, target) - objects_before
+    new_objects = backend_objects(full_lab, target) - objects_before
     assert new_objects == copies, f"objects in {target} left behind (killed at {at}): {new_objects - copies}"
     assert not (full_lab.store_dir("old") / victim.id).exists()
 
