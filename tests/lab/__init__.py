@@ -45,7 +45,7 @@ Layout of a lab directory (everything the lab writes is below it):
     clouds.yaml          lab-admin (admin/admin) and lab-demo (demo/demo), password 'secret'
     etc/                 glance-api.conf, glance-api-paste.ini, *-uwsgi.ini, keystone.conf, SQLite hook,
                          s3-identities.json, pyceph/ (rbd + rados modules for Glance)
-    keystone/            keystone.sqlite, fernet and credential keys
+    keystone/            keystone.sqlite, fernet token, receipt and credential keys
     glance.sqlite
     data/<store>/        filesystem_store_datadir of each file store; staging, tasks, cache, lock; weed/
     ceph/                ceph.conf, keyrings, mon/mgr/osd data, run/ (Ceph's own pid files, admin sockets)
@@ -873,12 +873,12 @@ class Lab:
         shutil.copyfile(HERE / f"{_SQLITE_HOOK}.py", self.etc_dir / f"{_SQLITE_HOOK}.py")
 
     def _write_keystone_keys(self) -> None:
-        """What `keystone-manage fernet_setup` / `credential_setup` leave behind, without two ~1.7 s
-        Python start-ups on the critical path (bootstrap and the server refuse to start without keys):
+        """What `keystone-manage fernet_setup` (tokens, receipts) / `credential_setup` leave behind, without two
+        ~1.7 s Python start-ups on the critical path (bootstrap and the server refuse to start without keys):
         per repository a staged key "0" and a primary key "1", each a Fernet key (urlsafe base64 of 32
         random bytes), mode 0600 in a 0700 directory.
         """
-        for repo in ("fernet", "credential"):
+        for repo in ("fernet", "receipts", "credential"):
             directory = self.root / "keystone" / repo
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             for index in ("0", "1"):
