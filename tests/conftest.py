@@ -49,7 +49,7 @@ def full_lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Conf
     if missing:  # fail, never skip: a CI without Ceph must not pass these tests silently
         pytest.fail(
             f"full_lab needs the Debian packages {', '.join(missing)} for its Ceph store; install them as root:\n"
-            f"    apt-get update && {CEPH_APT_COMMAND}\n(.ci/run does this)",
+            f"    apt-get update && {CEPH_APT_COMMAND}\n(`./dev test` does this as root)",
             pytrace=False,
         )
     _sigterm_as_keyboard_interrupt()
@@ -92,6 +92,12 @@ def full_admin_conn(full_lab: Lab):
         yield conn
     finally:
         conn.close()
+
+
+@pytest.fixture
+def full_env(full_lab: Lab) -> dict[str, str]:
+    """The environment that points the CLI at full_lab's clouds.yaml (OS_CLOUD lab-admin)."""
+    return dict(full_lab.env())
 
 
 @pytest.hookimpl(wrapper=True)

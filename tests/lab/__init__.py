@@ -109,7 +109,7 @@ S3_BUCKET = "glance"
 # even with -admin.ui=false; webdav, iceberg and lance are switched off; metrics/debug ports stay closed.
 _WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
 
-# the Ceph store: Debian 12 packages (Ceph 16.2 "pacific"); CI installs them (.ci/run)
+# the Ceph store: Debian 12 packages (Ceph 16.2 "pacific"); `./dev test` installs them when it may
 CEPH_PACKAGES = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-common", "python3-rbd", "python3-rados")
 CEPH_APT_COMMAND = "apt-get install -y --no-install-recommends " + " ".join(CEPH_PACKAGES)
 CEPH_POOL = "images"
