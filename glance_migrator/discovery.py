@@ -13,8 +13,8 @@ from typing import Any
 from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance, stores_holding
 from glance_migrator.models import ImageRow
+from glance_migrator.sharing import COPY_OF_PROPERTY
 from glance_migrator.state import State, Strategy
-from glance_migrator.strategies.location_swap import COPY_OF_PROPERTY
 from glance_migrator.verify import has_fingerprint
 
 log = logging.getLogger(__name__)

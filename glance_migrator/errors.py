@@ -91,8 +91,8 @@ class ImageBlocked(ImageFailure):
     Both copies stay consistent; `retry` finishes the image once the operator has dealt with the cause.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, kind="blocked")
+    def __init__(self, message: str, kind: str = "blocked") -> None:
+        super().__init__(message, kind=kind)
 
 
 class ImageSkipped(Exception):

@@ -349,7 +349,10 @@ class Glance:
     @contextmanager
     def download(self, image_id: str) -> Iterator[Iterator[bytes]]:
         """The image's data as a stream of chunks (verify it yourself: Glance's checksum header is md5 only)."""
-        response = self._call("GET", f"/images/{image_id}/file", ok=(200,), stream=True)
+        response = self._call("GET", f"/images/{image_id}/file", ok=(200, 204), stream=True)
+        if response.status_code == 204:  # what Glance answers when the data behind the image's locations is gone
+            response.close()
+            raise GlanceHTTPError(204, "GET", f"/images/{image_id}/file", "no data: its store no longer holds it")
         try:
             yield _body(response)
         finally:

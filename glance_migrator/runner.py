@@ -18,6 +18,7 @@ from typing import Final, Protocol
 from glance_migrator.errors import Aborted, ImageBlocked, ImageFailure, ImageSkipped, InternalError, MigratorError
 from glance_migrator.glance import Glance, GlanceHTTPError
 from glance_migrator.models import ImageRow, Run
+from glance_migrator.sharing import SHARED, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
 from glance_migrator.statedb import LEASE_TTL, LeaseLost, LeaseOwner, StateDB
@@ -58,25 +59,38 @@ class Runner:
         self._lock = threading.Lock()
         self.progress = progress
         self.legacy = glance.stores() is None
+        self.shared = SharedData(glance, run.from_store, self.legacy)
 
     def run(self) -> None:
-        """Work until every image of the run is finished, the operator stops us, or a fatal error."""
+        """Work until every image of the run is finished, the operator stops us, or a fatal error.
+
+        Images blocked because their old data was another image's only data get one more pass at the end:
+        when those images were in the run too, they hold a copy of their own by then (sharing.py).
+        """
         if self.progress is not None:
             self.progress.start(self.db.images(self.run_row.id))
         heartbeat_done = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_done,), daemon=True)
         heartbeat.start()
+        try:
+            self._work()
+            again = [] if self.stop.is_set() else self.db.requeue_blocked(self.run_row.id, SHARED)
+            if again:
+                log.info("%d image(s) blocked by data shared with other images: trying them once more", len(again))
+                self._work()
+        finally:
+            heartbeat_done.set()
+
+    def _work(self) -> None:
+        """Let the workers take images until none is left (or a stop); raise the fatal error that stopped them."""
         threads = [
             threading.Thread(target=self._worker, name=f"worker-{i + 1}", daemon=True) for i in range(self.workers)
         ]
         for t in threads:
             t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)  # short joins keep the main thread responsive to a second Ctrl-C
-        finally:
-            heartbeat_done.set()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # short joins keep the main thread responsive to a second Ctrl-C
         if self.fatal is not None:
             raise self.fatal
 
@@ -141,6 +155,7 @@ class Runner:
             self.run_row.from_store,
             self.run_row.to_store,
             self.stop,
+            self.shared,
             spool=spool,
             legacy=self.legacy,
             stuck_after=self.stuck_after,

@@ -355,7 +355,7 @@ class StateDB:
             )
             return row
 
-    def requeue_failed(self, run_id: int, image_id: str) -> ImageRow:
+    def requeue_failed(self, run_id: int, image_id: str, why: str = "retry requested") -> ImageRow:
         """`retry`: put a failed image back at the state it failed at, and reopen its run."""
         row = self.image(run_id, image_id)
         if row is None:
@@ -364,10 +364,18 @@ class StateDB:
             raise UsageError(f"image {image_id} is {row.state}; only failed or blocked images can be retried")
         failed_at = State(row.failed_at or State.PENDING)
         target = retry_state(Strategy(row.strategy), failed_at)
-        row = self.transition(run_id, image_id, target, message=f"retry requested (failed at {failed_at})")
+        row = self.transition(run_id, image_id, target, message=f"{why} (failed at {failed_at})")
         with self.session() as s:
             s.get_one(Run, run_id).finished_at = None
         return row
+
+    def requeue_blocked(self, run_id: int, kind: str) -> list[ImageRow]:
+        """Put the run's images blocked with error_kind `kind` back at the step that blocked them."""
+        return [
+            self.requeue_failed(run_id, row.image_id, why="one more try at the end of the run")
+            for row in self.images(run_id, [State.BLOCKED])
+            if row.error_kind == kind
+        ]
 
     def bump_attempts(self, run_id: int, image_id: str) -> None:
         with self.session() as s:

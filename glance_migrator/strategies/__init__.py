@@ -16,6 +16,7 @@ from typing import Any, Final
 from glance_migrator.errors import ImageFailure
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
+from glance_migrator.sharing import SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
 
@@ -35,6 +36,7 @@ class StepContext:
     from_store: str
     to_store: str
     stop: threading.Event
+    shared: SharedData  # who else lists an image's old data, asked before it is deleted
     poll_interval: float = POLL_INTERVAL
     copy_timeout: float = COPY_TIMEOUT
     lock_timeout: float = LOCK_TIMEOUT

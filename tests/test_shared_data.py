@@ -1,0 +1,174 @@
+"""Images that share one data object (left by the 2015 script, by location-swap itself, or by a location added
+by hand): Glance deletes an image's old data whoever else lists it, so the tool must look first."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openstack.connection import Connection
+
+from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL
+from tests.glancetools import (
+    Seeded,
+    backend_objects,
+    cli,
+    copies_of,
+    count_in_db,
+    download_sha512,
+    members_of,
+    patch,
+    raw_image,
+    seed_image,
+    stable,
+    status_json,
+    stores_of,
+)
+from tests.invariants import Invariants
+
+MiB = 1 << 20
+STRATEGIES = ["copy-image", "location-swap"]
+
+
+def _snapshot(conn: Connection, image_id: str, data: bytes) -> Seeded:
+    """The image as it is now: what a later migration must keep."""
+    image = raw_image(conn, image_id)
+    assert image is not None
+    return Seeded(image_id, data, stable(image), members_of(conn, image_id))
+
+
+def _in_ceph(conn: Connection, name: str, data: bytes) -> Seeded:
+    """An image uploaded straight into the ceph store: its RBD image is named after it."""
+    queued = seed_image(conn, name, None)
+    resp = conn.image.put(
+        f"/images/{queued.id}/file",
+        data=io.BytesIO(data),
+        headers={"Content-Type": "application/octet-stream", "X-Image-Meta-Store": "ceph"},
+    )
+    assert resp.status_code == 204, resp.text
+    assert stores_of(conn, queued.id) == {"ceph"}
+    return _snapshot(conn, queued.id, data)
+
+
+def _twins_on_one_object(conn: Connection, name: str, size: int) -> tuple[Seeded, Seeded]:
+    """What the 2015 script left: an image in ceph, and a second image (same bytes, its own checksum and hash)
+    whose only location is the first one's data object."""
+    data = os.urandom(size)
+    original, twin = _in_ceph(conn, name, data), _in_ceph(conn, f"{name}-twin", data)
+    image = raw_image(conn, original.id)
+    assert image is not None
+    (location,) = image["locations"]
+    patch(conn, twin.id, [{"op": "add", "path": "/locations/-", "value": location}])
+    patch(conn, twin.id, [{"op": "remove", "path": "/locations/0"}])  # Glance deletes the twin's own object
+    shared = raw_image(conn, twin.id)
+    assert shared is not None and [loc["url"] for loc in shared["locations"]] == [location["url"]]
+    assert download_sha512(conn, twin.id) == original.sha512
+    return original, _snapshot(conn, twin.id, data)
+
+
+def _run(db: Path, env: dict[str, str], spool: Path, *args: str) -> Any:
+    return cli("run", "--from-store", "ceph", "--to-store", "s3", "--db", str(db), "--spool-dir", str(spool), *args,
+               env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_images_on_one_data_object_both_move_and_neither_loses_its_data(
+    full_lab: Any,
+    full_admin_conn: Connection,
+    full_env: dict[str, str],
+    tmp_path: Path,
+    strategy: str,
+    invariants: Invariants,
+) -> None:
+    """Two images whose only location is one shared RBD image, both in the run, moved off Ceph"""
+    original, twin = _twins_on_one_object(full_admin_conn, f"shared-{strategy}", 2 * MiB + 7)
+    db = tmp_path / "state.db"
+    proc = _run(db, full_env, tmp_path / "spool", "--strategy", strategy, "--image", original.id, "--image", twin.id)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    # The first to reach the delete waited (blocked) for the other to hold a copy of its own; the end of the
+    # run gave it its one more try.
+    assert count_in_db(db, "SELECT count(*) FROM events WHERE to_state = 'blocked'") == 1
+    invariants.check(
+        full_lab, full_admin_conn, db, full_env, [original, twin], faults={"images sharing one data object": 2}
+    )
+    assert original.id not in backend_objects(full_lab, "ceph")  # the shared object went, once nobody needed it
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_an_image_whose_old_data_is_another_images_only_data_is_blocked_until_that_one_moves(
+    full_lab: Any,
+    full_admin_conn: Connection,
+    full_env: dict[str, str],
+    tmp_path: Path,
+    strategy: str,
+    invariants: Invariants,
+) -> None:
+    """An image whose data object is also the only data of an image outside the run"""
+    original, twin = _twins_on_one_object(full_admin_conn, f"only-data-{strategy}", MiB + 3)
+    db, twin_db, spool = tmp_path / "state.db", tmp_path / "twin.db", tmp_path / "spool"
+    faults = {"image outside the run sharing the data object": 1}
+
+    proc = _run(db, full_env, spool, "--strategy", strategy, "--image", original.id)
+    assert proc.returncode == EXIT_PARTIAL, proc.stderr
+    (row,) = status_json(db, full_env)["images"]
+    assert row["state"] == "blocked" and row["error_kind"] == "shared" and twin.id in row["error"], row
+    assert download_sha512(full_admin_conn, twin.id) == twin.sha512  # the twin still has its data
+    assert stores_of(full_admin_conn, twin.id) == {"ceph"}
+    assert stores_of(full_admin_conn, original.id) == {"ceph", "s3"}
+    blocked = {original.id: "blocked"}
+    invariants.check(
+        full_lab, full_admin_conn, db, full_env, [original], faults=faults, expect=blocked, label="blocked"
+    )
+
+    # Once the twin has moved (it may: the original keeps a copy in s3), `retry` finishes the original.
+    cli("run", "--from-store", "ceph", "--to-store", "s3", "--strategy", strategy, "--image", twin.id,
+        "--db", str(twin_db), "--spool-dir", str(spool), env=full_env, check_rc=EXIT_OK)  # fmt: skip
+    cli("retry", original.id, "--db", str(db), env=full_env, check_rc=EXIT_OK)
+    invariants.check(full_lab, full_admin_conn, twin_db, full_env, [twin], faults=faults, label="twin moved")
+    invariants.check(full_lab, full_admin_conn, db, full_env, [original], faults=faults, label="retried")
+    assert original.id not in backend_objects(full_lab, "ceph")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_moving_on_from_an_earlier_location_swap_retires_its_old_copy(
+    full_lab: Any,
+    full_admin_conn: Connection,
+    full_env: dict[str, str],
+    tmp_path: Path,
+    strategy: str,
+    invariants: Invariants,
+) -> None:
+    """A second migration (ceph -> s3) of an image that an earlier location-swap moved (old -> ceph)"""
+    data = os.urandom(3 * MiB)
+    seeded = seed_image(full_admin_conn, f"two-hops-{strategy}", data)
+    spool = tmp_path / "spool"
+    cli("run", "--from-store", "old", "--to-store", "ceph", "--strategy", "location-swap", "--image", seeded.id,
+        "--db", str(tmp_path / "first.db"), "--spool-dir", str(spool), env=full_env, check_rc=EXIT_OK)  # fmt: skip
+    (first_copy,) = copies_of(full_admin_conn, seeded.id)  # hidden, protected, sharing the image's RBD image
+    assert first_copy["id"] in backend_objects(full_lab, "ceph")
+    moved = _snapshot(full_admin_conn, seeded.id, data)  # protected now, on purpose
+
+    db = tmp_path / "second.db"
+    proc = _run(db, full_env, spool, "--strategy", strategy, "--image", seeded.id)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert raw_image(full_admin_conn, first_copy["id"]) is None  # it served nothing any more: deleted, not left hidden
+    assert first_copy["id"] not in backend_objects(full_lab, "ceph")
+    (row,) = status_json(db, full_env)["images"]
+    events = [e["message"] for e in _events(db, full_env, seeded.id)]
+    assert any(f"deleted its old copy {first_copy['id']}" in (m or "") for m in events), events
+    invariants.check(
+        full_lab, full_admin_conn, db, full_env, [moved], faults={"second migration of a swapped image": 1}
+    )
+    assert row["state"] == "done"
+
+
+def _events(db: Path, env: dict[str, str], image_id: str) -> list[dict[str, Any]]:
+    """The image's events, as `report` writes them."""
+    out = db.with_suffix(".audit.json")
+    cli("report", str(out), "--db", str(db), env=env, check_rc=EXIT_OK)
+    (record,) = [r for r in json.loads(out.read_text()) if r["id"] == image_id]
+    return list(record["events"])
