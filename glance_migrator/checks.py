@@ -153,8 +153,9 @@ def report(profile: CloudProfile, from_store: str | None, to_store: str | None, 
             "locations",
             profile.locations_visible is not False,
             {
-                True: "visible (show_multiple_locations = True)",
-                False: "hidden: location-swap impossible",
+                True: "visible (show_multiple_locations = True): images sharing a data object are found before "
+                "any delete",
+                False: "hidden: location-swap impossible, and images sharing a data object cannot be seen",
                 None: "unknown: no image to look at",
             }[profile.locations_visible],
         ),

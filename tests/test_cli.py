@@ -297,6 +297,7 @@ def test_check_reports_what_the_cloud_offers_and_changes_nothing(env: dict[str, 
     assert "stores: old (file, default), new (file)" in out and "copy-image" in out
     assert "run --strategy auto: would use copy-image" in out
     assert "--strategy location-swap: would not work: new is a file store" in out
+    assert "images sharing a data object are found before any delete" in out
     assert not (tmp_path / "sp").exists()
 
 
