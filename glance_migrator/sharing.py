@@ -87,10 +87,13 @@ def urls(image: dict[str, Any]) -> set[str]:
     return {location["url"] for location in image.get("locations") or []}
 
 
-def guard(shared: SharedData, image: dict[str, Any], doomed: Collection[str]) -> None:
-    """Raise ImageBlocked if deleting the data at `doomed` (the image's old URLs) would leave another image
-    with no data. Earlier copies of this image are left for `retire_copies`, after the removal."""
-    if shared.hidden(image) or not doomed:
+def guard(shared: SharedData, image: dict[str, Any]) -> None:
+    """Raise ImageBlocked if deleting the image's data in the source store (the doomed URLs) would leave another
+    image with no data. Earlier copies of this image are left for `retire_copies`, after the removal."""
+    if shared.hidden(image):
+        return
+    doomed = {loc["url"] for loc in image["locations"] if location_store(loc, shared.legacy) == shared.from_store}
+    if not doomed:
         return
     image_id = image["id"]
     copies = shared.glance.find_copies(COPY_OF_PROPERTY, image_id)
@@ -98,9 +101,9 @@ def guard(shared: SharedData, image: dict[str, Any], doomed: Collection[str]) ->
     stranded = []
     for other_id in sorted(candidates):
         other = shared.glance.get_image(other_id)
-        if other is None or not urls(other) & set(doomed):
+        if other is None or not urls(other) & doomed:
             continue  # gone, or no longer lists the data
-        if other.get(COPY_OF_PROPERTY) == image_id or urls(other) - set(doomed):
+        if other.get(COPY_OF_PROPERTY) == image_id or urls(other) - doomed:
             continue  # our own earlier copy (retired afterwards), or it keeps a location of its own
         stranded.append(f"{other_id} ({other.get('name') or 'unnamed'}, {other.get('status')})")
     if stranded:

@@ -16,7 +16,7 @@ from typing import Any, Final
 from glance_migrator.errors import ImageFailure
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import SharedData
+from glance_migrator.sharing import SharedData, retire_copies
 from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
 
@@ -68,6 +68,13 @@ def current_image(ctx: StepContext, image_id: str, what: str = "the image") -> d
     if image is None:
         raise ImageFailure(f"{what} {image_id} no longer exists in Glance (deleted by someone else?)", kind="gone")
     return image
+
+
+def left_old_store(ctx: StepContext, row: ImageRow, message: str) -> StepResult:
+    """The image no longer lists data in the source store: its earlier glance-migrator copies that shared that
+    data go too (sharing.retire_copies; location-swap's current copy stays), and the result says so."""
+    retired = retire_copies(ctx.shared, row.image_id, keep=row.copy_image_id)
+    return StepResult(f"{message}; {retired}" if retired else message)
 
 
 def steps_for(strategy: Strategy) -> Mapping[State, Step]:

@@ -26,12 +26,11 @@ from glance_migrator.glance import (
     failed_import_stores,
     image_stores,
     importing_stores,
-    location_store,
 )
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import guard, retire_copies
+from glance_migrator.sharing import guard
 from glance_migrator.state import State
-from glance_migrator.strategies import Step, StepContext, StepResult, current_image
+from glance_migrator.strategies import Step, StepContext, StepResult, current_image, left_old_store
 from glance_migrator.verify import check_unchanged
 
 log = logging.getLogger(__name__)
@@ -198,19 +197,18 @@ def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
     if ctx.from_store not in stores:
         if ctx.to_store not in stores:
             raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
-        return _removed(ctx, row, f"already gone from store {ctx.from_store}")
+        return left_old_store(ctx, row, f"already gone from store {ctx.from_store}")
     if ctx.to_store not in stores:
         raise ImageFailure(
             f"refusing to delete from {ctx.from_store}: {ctx.to_store} no longer lists the image "
             f"(stores: {sorted(stores)})"
         )
-    old = {loc["url"] for loc in image.get("locations") or [] if location_store(loc, legacy=False) == ctx.from_store}
-    guard(ctx.shared, image, old)  # Glance deletes that data whoever else lists it
+    guard(ctx.shared, image)  # Glance deletes that data whoever else lists it
     try:
         ctx.glance.delete_from_store(row.image_id, ctx.from_store)
     except GlanceHTTPError as e:
         if ctx.from_store not in image_stores(_current(ctx, row)):
-            return _removed(ctx, row, f"already gone from store {ctx.from_store}")  # our earlier delete landed
+            return left_old_store(ctx, row, f"already gone from store {ctx.from_store}")  # our earlier delete landed
         if e.status == 409:  # e.g. an RBD snapshot with clone children (instances, volumes) in the old store
             raise ImageBlocked(
                 f"Glance will not delete the copy in {ctx.from_store} yet: {e}. Both copies are intact. "
@@ -218,13 +216,7 @@ def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
                 "flatten or remove them, then `glance-migrator retry`"
             ) from e
         raise ImageFailure(f"Glance refused to delete the copy in {ctx.from_store}: {e}", kind="refused") from e
-    return _removed(ctx, row, f"deleted from store {ctx.from_store}")
-
-
-def _removed(ctx: StepContext, row: ImageRow, message: str) -> StepResult:
-    """The image left the old store: earlier location-swap copies of it that shared that data go too."""
-    retired = retire_copies(ctx.shared, row.image_id, keep=None)
-    return StepResult(f"{message}; {retired}" if retired else message)
+    return left_old_store(ctx, row, f"deleted from store {ctx.from_store}")
 
 
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:

@@ -21,10 +21,10 @@ import requests
 from glance_migrator.errors import CloudError, ImageBlocked, ImageFailure, IntegrityFailure
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import COPY_OF_PROPERTY, guard, retire_copies
+from glance_migrator.sharing import COPY_OF_PROPERTY, guard
 from glance_migrator.spool import HashingReader, Spool
 from glance_migrator.state import State
-from glance_migrator.strategies import Step, StepContext, StepResult, current_image
+from glance_migrator.strategies import Step, StepContext, StepResult, current_image, left_old_store
 from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, hash_file
 
 UPLOAD_ATTEMPTS: Final = 3
@@ -252,8 +252,8 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
         raise ImageFailure(f"refusing to remove the old location: the image does not list the one in {ctx.to_store}")
     old = _in_store(ctx, locations, ctx.from_store)
     if not old:
-        return StepResult(_with(f"no location left in {ctx.from_store}", _retire(ctx, row)))
-    guard(ctx.shared, image, {locations[i]["url"] for i in old})  # Glance deletes that data: is it only ours?
+        return left_old_store(ctx, row, f"no location left in {ctx.from_store}")
+    guard(ctx.shared, image)  # Glance deletes that data: is it only ours?
     for index in reversed(old):  # highest index first, so the others keep their index
         try:  # not retried blindly: a 500 here is how Glance says an RBD clone child holds the data
             ctx.glance.patch(row.image_id, [{"op": "remove", "path": f"/locations/{index}"}], retry=False)
@@ -263,15 +263,7 @@ def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
     if _in_store(ctx, after, ctx.from_store) or not _in_store(ctx, after, ctx.to_store):
         stores = [location_store(x, ctx.legacy) for x in after]
         raise ImageFailure(f"after removing the old location the image lists locations in {stores}")
-    return StepResult(_with(f"location in {ctx.from_store} removed (Glance deleted its data)", _retire(ctx, row)))
-
-
-def _retire(ctx: StepContext, row: ImageRow) -> str:
-    return retire_copies(ctx.shared, row.image_id, keep=row.copy_image_id)
-
-
-def _with(message: str, more: str) -> str:
-    return f"{message}; {more}" if more else message
+    return left_old_store(ctx, row, f"location in {ctx.from_store} removed (Glance deleted its data)")
 
 
 def _old_location_refused(ctx: StepContext, row: ImageRow, error: Exception) -> None:
