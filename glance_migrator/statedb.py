@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any, Final
 
@@ -129,7 +128,8 @@ class StateDB:
 
     def _check_current(self) -> None:
         """For a DB that cannot be upgraded (read-only): its schema must already be this tool's."""
-        with _db_errors(self.url), _alembic_config() as config:
+        config = _alembic_config()
+        with _db_errors(self.url):
             head = ScriptDirectory.from_config(config).get_current_head()
             with self.engine.connect() as conn:
                 current = MigrationContext.configure(conn).get_current_heads()
@@ -142,7 +142,8 @@ class StateDB:
     # -- schema ------------------------------------------------------------------------------------
 
     def _upgrade(self) -> None:
-        with _db_errors(self.url), _alembic_config() as config:
+        config = _alembic_config()
+        with _db_errors(self.url):
             scripts = ScriptDirectory.from_config(config)
             with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one upgrader at a time
                 current = MigrationContext.configure(conn).get_current_heads()
@@ -386,13 +387,14 @@ class StateDB:
             )
 
 
-@contextmanager
-def _alembic_config() -> Iterator[Config]:
-    """Alembic's config for the migrations shipped in the wheel (package glance_migrator_migrations)."""
-    with as_file(files("glance_migrator_migrations")) as script_dir:
-        config = Config()
-        config.set_main_option("script_location", str(script_dir))
-        yield config
+def _alembic_config() -> Config:
+    """Alembic's config for the migration scripts: glance_migrator/migrations in an installed wheel
+    (pyproject.toml puts them there), the top-level migrations/ in a source tree."""
+    package = Path(__file__).resolve().parent
+    installed = package / "migrations"
+    config = Config()
+    config.set_main_option("script_location", str(installed if installed.is_dir() else package.parent / "migrations"))
+    return config
 
 
 def _lease_free(row: ImageRow, now: datetime) -> bool:

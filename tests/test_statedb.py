@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,6 @@ from alembic.runtime.migration import MigrationContext
 from glance_migrator.errors import StateDBError
 from glance_migrator.models import Base
 from glance_migrator.statedb import StateDB
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_new_db_is_created_with_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
@@ -80,19 +76,6 @@ def test_sqlite_db_of_another_program_is_refused(tmp_path: Path) -> None:
 def test_directory_as_db_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateDBError, match="directory"):
         StateDB.open(str(tmp_path))
-
-
-def test_built_wheel_ships_the_migrations(tmp_path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert "glance_migrator_migrations/env.py" in names
-    assert "glance_migrator_migrations/script.py.mako" in names
-    assert "glance_migrator_migrations/versions/0001_initial.py" in names
 
 
 def test_status_reads_a_db_on_read_only_media_and_a_run_refuses_it_clearly(tmp_path: Path) -> None:

@@ -1,0 +1,133 @@
+"""The tool as users install it: the sdist and the wheel built from this checkout, each installed into a fresh
+venv outside it, start and answer every command; and the CLI the rest of the suite runs is that wheel.
+
+`./dev test` installs the wheel into .venv non-editable; in-process tests import the source tree, every CLI
+call runs the installed copy. So a module left out of the wheel, or a stale install, fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+import typer
+
+from glance_migrator.cli import app
+from tests.glancetools import CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def _shipped_sources() -> dict[str, Path]:
+    """Every file the wheel must hold, by its path in the wheel: the package, and the Alembic scripts, which
+    ship as glance_migrator/migrations."""
+    found = {}
+    for top, inside in (("glance_migrator", "glance_migrator"), ("migrations", "glance_migrator/migrations")):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                found[f"{inside}/{path.relative_to(ROOT / top).as_posix()}"] = path
+    return found
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """sdist and wheel, built as `python -m build` builds them: the wheel from the unpacked sdist."""
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=out,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    return {"sdist": sdist, "wheel": wheel}
+
+
+def test_wheel_holds_every_module_of_the_source_tree_and_nothing_else(dists: dict[str, Path]) -> None:
+    names = {n for n in zipfile.ZipFile(dists["wheel"]).namelist() if ".dist-info/" not in n}
+    expected = set(_shipped_sources())
+    assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
+    assert not names - expected, f"shipped but not part of the tool: {sorted(names - expected)}"
+    assert "glance_migrator/strategies/copy_image.py" in names and "glance_migrator/migrations/env.py" in names
+
+
+def test_sdist_holds_the_sources_and_no_tests_benchmarks_or_dev_script(dists: dict[str, Path]) -> None:
+    with tarfile.open(dists["sdist"]) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    sources = {p.relative_to(ROOT).as_posix() for p in _shipped_sources().values()}
+    assert not sources - names, f"missing from the sdist: {sorted(sources - names)}"
+    assert {"pyproject.toml", "README.md"} <= names
+    unwanted = [n for n in names if n.split("/")[0] in ("tests", "benchmarks", "docs", "dev", ".ci")]
+    assert not unwanted, unwanted
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_installed_into_a_fresh_venv_every_command_starts(kind: str, dists: dict[str, Path], tmp_path: Path) -> None:
+    """pip install of the sdist or the wheel into a new venv, run from a directory outside the checkout."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run(
+        [venv / "bin/pip", "install", "-q", "--disable-pip-version-check", str(dists[kind])],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=tmp_path,
+    )
+    assert pip.returncode == 0, pip.stderr
+
+    def run(*argv: str | Path, rc: int = 0) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)
+        assert proc.returncode == rc, f"{argv}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        return proc
+
+    version = f"glance-migrator {PROJECT['version']}"
+    assert run(venv / "bin/glance-migrator", "--version").stdout.strip() == version
+    assert run(venv / "bin/python", "-m", "glance_migrator", "--version").stdout.strip() == version
+    for command in COMMANDS:
+        assert f"Usage: glance-migrator {command}" in run(venv / "bin/glance-migrator", command, "--help").stdout
+    # A new state DB is built by the Alembic scripts shipped in the package.
+    db = tmp_path / "state.db"
+    status = run(venv / "bin/glance-migrator", "status", "--db", db, rc=2)
+    assert "holds no run yet" in status.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    where = run(venv / "bin/python", "-c", "import glance_migrator; print(glance_migrator.__file__)").stdout
+    assert Path(where.strip()).is_relative_to(venv)
+
+
+def test_the_cli_every_test_runs_is_the_installed_wheel_of_this_checkout(tmp_path: Path) -> None:
+    """Not an editable install, not the source tree, and byte for byte the sources of this checkout
+    (`./dev test` rebuilds it when they change): a module missing from the wheel, or a stale one, fails here."""
+    python = Path(CLI[0]).with_name("python")
+    probe = (
+        "import glance_migrator, importlib.metadata as m, json; d = m.distribution('glance-migrator'); "
+        "print(json.dumps([glance_migrator.__file__, d.read_text('direct_url.json')]))"
+    )
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    package_file, direct_url = json.loads(proc.stdout)
+    package = Path(package_file).parent
+    assert not package.is_relative_to(ROOT / "glance_migrator"), f"the CLI runs the source tree ({package})"
+    assert not json.loads(direct_url or "{}").get("dir_info", {}).get("editable"), "an editable install"
+    differing = [
+        name
+        for name, source in _shipped_sources().items()
+        if not (installed := package.parent / name).is_file() or installed.read_bytes() != source.read_bytes()
+    ]
+    assert not differing, f"the installed tool is not this checkout's (run ./dev test to rebuild): {differing}"
