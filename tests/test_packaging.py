@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import typer
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from glance_migrator.cli import app
 from tests.glancetools import CLI
@@ -131,3 +134,45 @@ def test_the_cli_every_test_runs_is_the_installed_wheel_of_this_checkout(tmp_pat
         if not (installed := package.parent / name).is_file() or installed.read_bytes() != source.read_bytes()
     ]
     assert not differing, f"the installed tool is not this checkout's (run ./dev test to rebuild): {differing}"
+
+
+def _floors() -> list[str]:
+    """`name==lowest` for each dependency of pyproject.toml (every one is `name>=lowest`)."""
+    pins = []
+    for requirement in PROJECT["dependencies"]:
+        found = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement.replace(" ", ""))
+        assert found, f"{requirement!r}: a dependency without a tested floor"
+        pins.append(f"{found[1]}=={found[2]}")
+    return pins
+
+
+def test_cli_contract_holds_at_the_dependency_floors(dists: dict[str, Path], tmp_path: Path) -> None:
+    """The wheel installed with every dependency at the lowest release pyproject.toml allows, and the CLI contract
+    tests (tests/test_cli.py, against the real lab) run with that install as the CLI."""
+    venv, constraints = tmp_path / "floors", tmp_path / "floors.txt"
+    constraints.write_text("\n".join(_floors()) + "\n")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run(
+        [venv / "bin/pip", "install", "-q", "--disable-pip-version-check", "-c", constraints, dists["wheel"]],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=tmp_path,
+    )
+    assert pip.returncode == 0, pip.stderr
+    freeze = subprocess.run([venv / "bin/pip", "freeze"], capture_output=True, text=True, check=True).stdout
+    pinned = (line.partition("==") for line in freeze.splitlines() if "==" in line)  # not "glance-migrator @ file:"
+    installed = {canonicalize_name(name): Version(version) for name, _, version in pinned}
+    for pin in _floors():
+        name, _, version = pin.partition("==")
+        assert installed.get(canonicalize_name(name)) == Version(version), f"{pin} not installed:\n{freeze}"
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-x", "--basetemp", tmp_path / "inner", ROOT / "tests/test_cli.py"]
+    contract = subprocess.run(
+        [sys.executable, "-m", "pytest", *pytest_args],
+        capture_output=True,
+        text=True,
+        env={**_clean_env(), "GLANCE_MIGRATOR_TEST_CLI": str(venv / "bin/glance-migrator")},
+        cwd=ROOT,
+    )
+    assert contract.returncode == 0, contract.stdout[-6000:] + contract.stderr[-2000:]
+    assert " passed" in contract.stdout, contract.stdout[-2000:]
