@@ -31,6 +31,7 @@ class RunReport:
     run: Run
     counts: dict[str, int]
     images: list[ImageRow]
+    already_complete: bool = False  # `run --resume` found the run finished: nothing a resume could move
 
     @property
     def complete(self) -> bool:
@@ -38,7 +39,14 @@ class RunReport:
 
     @property
     def problems(self) -> list[ImageRow]:
+        """Every image that did not move, with its reason: failed, blocked and skipped ones."""
         return [row for row in self.images if row.state in (*RETRYABLE, State.SKIPPED)]
+
+    @property
+    def need_attention(self) -> list[ImageRow]:
+        """Failed and blocked images: the operator deals with the cause, then `retry`. (Skipped ones are not
+        moved by design: not active, not in the source store...)"""
+        return [row for row in self.images if row.state in RETRYABLE]
 
 
 def run_migration(
@@ -87,8 +95,16 @@ def run_migration(
     else:
         if resume and not from_store and not to_store and db.has_runs():
             latest = db.get_run()  # a resume after the run ended (a kill just after it finished, say)
-            log.info("run %d is already complete; nothing to resume", latest.id)
-            return report(db, latest.id)
+            rep = report(db, latest.id)
+            rep.already_complete = True
+            waiting = len(rep.need_attention)
+            log.log(
+                logging.WARNING if waiting else logging.INFO,
+                "run %d is already complete; nothing to resume%s",
+                latest.id,
+                f" ({waiting} failed or blocked image(s) wait for `glance-migrator retry`)" if waiting else "",
+            )
+            return rep
         if not from_store or not to_store:
             raise UsageError(
                 "nothing to resume; start a run with --from-store OLD --to-store NEW"
@@ -155,7 +171,19 @@ def _plan(
         strategy, why = choose_strategy(profile, from_store)
         log.info("strategy auto: %s, because %s", strategy, why)
     preflight(profile, from_store, to_store, strategy)
-    rows = discover(glance, ids, from_store, to_store, strategy, legacy=profile.stores is None, filters=filters)
+    # Glance refuses to add a location whose data is empty, so location-swap moves 0-byte images by copy-image
+    # where Glance offers it (and skips them, saying why, where not).
+    empty = strategy if strategy == Strategy.COPY_IMAGE else choose_strategy(profile, from_store)[0]
+    rows = discover(
+        glance,
+        ids,
+        from_store,
+        to_store,
+        strategy,
+        legacy=profile.stores is None,
+        filters=filters,
+        empty_strategy=empty if empty == Strategy.COPY_IMAGE else None,
+    )
     return Plan(strategy, why, rows)
 
 
@@ -230,8 +258,11 @@ def status_document(rep: RunReport) -> dict[str, Any]:
             "complete": rep.complete,
         },
         "counts": {
-            str(state): rep.counts.get(str(state), 0)
-            for state in (*PATHS[Strategy(run.strategy)], State.FAILED, State.BLOCKED, State.SKIPPED)
+            **{
+                str(state): rep.counts.get(str(state), 0)
+                for state in (*PATHS[Strategy(run.strategy)], State.FAILED, State.BLOCKED, State.SKIPPED)
+            },
+            **rep.counts,  # and the states of images moved by the other strategy (0-byte images: copy-image)
         },
         "total": len(rep.images),
         "images": [
@@ -239,6 +270,7 @@ def status_document(rep: RunReport) -> dict[str, Any]:
                 "id": row.image_id,
                 "name": row.name,
                 "state": row.state,
+                "strategy": row.strategy,
                 "failed_at": row.failed_at,
                 "error": row.error,
                 "error_kind": row.error_kind,
@@ -283,6 +315,7 @@ def audit(db: StateDB, run_id: int | None = None) -> list[dict[str, Any]]:
                 "stores_before": row.stores,
                 "size_after": row.after_size,
                 "checksum_after": row.after_checksum,
+                "os_hash_algo_after": row.after_hash_algo,
                 "os_hash_value_after": row.after_hash_value,
                 "stores_after": row.after_stores,
                 "copy_image_id": row.copy_image_id,

@@ -80,10 +80,12 @@ def discover(
     strategy: Strategy,
     legacy: bool,
     filters: Filters = Filters(),
+    empty_strategy: Strategy | None = None,
 ) -> list[tuple[ImageRow, str | None]]:
     """One row per image: pending, or already done / skipped, each with the reason for the event log.
 
-    The rows are recorded in this order, and workers take images in it (see `Filters.order`).
+    The rows are recorded in this order, and workers take images in it (see `Filters.order`). With
+    location-swap, 0-byte images go by `empty_strategy` (copy-image) or are skipped: see `classify`.
     """
     if image_ids:
         images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]
@@ -100,7 +102,7 @@ def discover(
     if copies:
         log.info("left out %d image(s) that are glance-migrator copies (%s)", copies, COPY_OF_PROPERTY)
     chosen = filters.arrange(list(unique.values()))
-    return [classify(image, from_store, to_store, strategy, legacy) for image in chosen]
+    return [classify(image, from_store, to_store, strategy, legacy, empty_strategy) for image in chosen]
 
 
 def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:
@@ -111,10 +113,17 @@ def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:
 
 
 def classify(
-    image: dict[str, Any], from_store: str, to_store: str, strategy: Strategy, legacy: bool = False
+    image: dict[str, Any],
+    from_store: str,
+    to_store: str,
+    strategy: Strategy,
+    legacy: bool = False,
+    empty_strategy: Strategy | None = None,
 ) -> tuple[ImageRow, str | None]:
     stores = stores_holding(image, legacy)
     state, reason = State.PENDING, None
+    if strategy == Strategy.LOCATION_SWAP and image.get("size") == 0 and empty_strategy is not None:
+        strategy, reason = empty_strategy, f"0 bytes: moved by {empty_strategy} (Glance refuses empty locations)"
     if image.get(COPY_OF_PROPERTY):
         state, reason = State.SKIPPED, f"a glance-migrator copy of image {image[COPY_OF_PROPERTY]}"
     elif image.get("status") != "active":
@@ -125,6 +134,12 @@ def classify(
         state, reason = (
             State.SKIPPED,
             f"not in store {from_store} (stores: {','.join(sorted(stores)) or 'none'})",
+        )
+    elif strategy == Strategy.LOCATION_SWAP and image.get("size") == 0:
+        state, reason = (
+            State.SKIPPED,
+            "0 bytes: Glance refuses to add a location whose data is empty (HTTP 400 Invalid location), so "
+            "location-swap cannot move it; copy-image can, on a multi-store Glance that offers it",
         )
     elif not has_fingerprint(image):
         state, reason = (

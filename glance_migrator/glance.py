@@ -250,6 +250,15 @@ class Glance:
                 return None
             raise
 
+    def answers(self) -> bool:
+        """Whether Glance answers at all (a one-image list, with the usual retries): tells a failure that
+        belongs to one image from Glance being down for everyone."""
+        try:
+            self._call("GET", "/images?limit=1")
+        except GlanceUnavailable:
+            return False
+        return True
+
     def last_task_message(self, image_id: str) -> str | None:
         """The message of the image's newest task (why an import failed), if Glance shows it."""
         try:
@@ -331,6 +340,12 @@ class Glance:
     def upload(self, image_id: str, data: Any, size: int, store: str | None) -> None:
         """PUT the image's data; with `store`, into that store (multi-store header X-Image-Meta-Store)."""
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        if size == 0:
+            # requests sends a stream of length 0 as chunked, yet with our Content-Length it frames no chunks:
+            # uWSGI then waits for chunks that never come (60 s, then 500). Read what there is (a hashing
+            # reader must see the end of its download) and send an empty body.
+            data.read()
+            data = b""
         if store:
             headers["X-Image-Meta-Store"] = store
         # A stream is consumed as it is sent: neither we nor keystoneauth (which by default resends on a

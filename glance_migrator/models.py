@@ -70,6 +70,7 @@ class ImageRow(Base):
     # What Glance reported once the copy was verified, and at the end.
     after_stores: Mapped[str | None] = mapped_column(String(255))
     after_checksum: Mapped[str | None] = mapped_column(String(32))
+    after_hash_algo: Mapped[str | None] = mapped_column(String(64))  # Glance may compute a new multihash
     after_hash_value: Mapped[str | None] = mapped_column(String(128))
     after_size: Mapped[int | None] = mapped_column(Integer)
     # location-swap: the second image B that now shares its data object with this one.

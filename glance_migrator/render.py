@@ -35,9 +35,12 @@ from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 
 
 def exit_code(rep: RunReport) -> int:
+    """0 once nothing is left that a run could move (every image done, or skipped by design); 1 while failed or
+    blocked images wait for the operator. `run --resume` of a finished run moves nothing: 0, so that a loop of
+    resumes ends (the run that failed those images said 1; `status` lists them)."""
     if not rep.complete:
         return EXIT_INTERRUPTED if any(r.state not in TERMINAL for r in rep.images) else EXIT_OK
-    return EXIT_PARTIAL if rep.problems else EXIT_OK
+    return EXIT_PARTIAL if rep.need_attention and not rep.already_complete else EXIT_OK
 
 
 def print_plan(the_plan: Plan) -> None:
@@ -187,9 +190,10 @@ def print_status(rep: RunReport) -> None:
         f"run {run.id}: {run.from_store} -> {run.to_store} ({run.strategy}), {len(rep.images)} image(s), {state}"
     )
     table = Table("state", "images", box=None, pad_edge=False)
-    path = PATHS[Strategy(run.strategy)]
-    for st in (*path, State.FAILED, State.BLOCKED, State.SKIPPED):
-        table.add_row(str(st), str(rep.counts.get(str(st), 0)))
+    states = [str(st) for st in (*PATHS[Strategy(run.strategy)], State.FAILED, State.BLOCKED, State.SKIPPED)]
+    states += [st for st in rep.counts if st not in states]  # images moved by the other strategy (0-byte ones)
+    for st in states:
+        table.add_row(st, str(rep.counts.get(st, 0)))
     console.print(table)
     if rep.problems:  # plain lines, never wrapped or cut: operators grep and copy these ids
         console.print()

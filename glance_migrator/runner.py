@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Final, Protocol
 
 from glance_migrator.errors import Aborted, ImageBlocked, ImageFailure, ImageSkipped, InternalError, MigratorError
-from glance_migrator.glance import Glance, GlanceHTTPError
+from glance_migrator.glance import Glance, GlanceHTTPError, GlanceUnavailable
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.sharing import SHARED, SharedData
 from glance_migrator.spool import Spool
@@ -27,6 +27,7 @@ from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, st
 log = logging.getLogger(__name__)
 
 WAIT_FOR_OTHERS: Final = 2.0  # seconds between looks when another runner holds the remaining images
+IMAGE_ATTEMPTS: Final = 2  # times a step that Glance keeps failing (for this image only) is tried before it fails
 
 
 class ProgressSink(Protocol):
@@ -162,6 +163,7 @@ class Runner:
         )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"
+        unavailable = 0  # steps of this image that Glance kept failing while it answered other requests
         while State(row.state) not in TERMINAL:
             target = next_state(strategy, State(row.state))
             if target is None:  # a state outside this strategy's path: a bug or a hand-edited DB
@@ -170,6 +172,20 @@ class Runner:
                 result = steps[target](ctx, row)
             except Interrupted:
                 log.info("%s: stopped while at %s; resume continues from there", label, row.state)
+                return
+            except GlanceUnavailable as e:
+                if self.stop.is_set() or not self.glance.answers():
+                    raise  # down for everyone: the run stops, resumable
+                unavailable += 1
+                if unavailable < IMAGE_ATTEMPTS:
+                    log.warning("%s: %s; Glance answers other requests: trying this step again", label, _cause(e))
+                    continue
+                error = (
+                    f"Glance kept failing on this image ({_cause(e)}) while it answered other requests; the "
+                    "step is safe to repeat: see glance-api's log for the cause, then `glance-migrator retry`"
+                )
+                self._record(row, State.FAILED, error, error=error, error_kind="glance")
+                log.error("%s: failed at %s: %s", label, row.state, error)
                 return
             except ImageSkipped as e:
                 self._record(row, State.SKIPPED, str(e), error=str(e), error_kind="skipped")
@@ -197,6 +213,11 @@ class Runner:
     def _show(self, row: ImageRow | None) -> None:
         if self.progress is not None:
             self.progress.update(threading.current_thread().name, row)
+
+
+def _cause(error: GlanceUnavailable) -> str:
+    """The last answer Glance gave, without the advice to resume (which is for a Glance down for everyone)."""
+    return str(error.__cause__ or error).split("; progress is saved")[0]
 
 
 def _tidy(strategy: Strategy, ctx: StepContext, row: ImageRow) -> str:

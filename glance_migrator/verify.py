@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +13,72 @@ from glance_migrator.models import ImageRow
 FINGERPRINT_FIELDS = ("size", "checksum", "os_hash_algo", "os_hash_value")
 
 
-def fingerprint(image: dict[str, Any]) -> dict[str, Any]:
+def fingerprint(image: Mapping[str, Any]) -> dict[str, Any]:
     return {key: image.get(key) for key in FINGERPRINT_FIELDS}
 
 
-def check_unchanged(row: ImageRow, image: dict[str, Any], when: str) -> None:
-    """Raise IntegrityFailure if size or any hash differs from what discovery recorded."""
-    recorded = {key: getattr(row, key) for key in FINGERPRINT_FIELDS}
-    now = fingerprint(image)
-    diffs = [f"{key} {recorded[key]!r} -> {now[key]!r}" for key in FINGERPRINT_FIELDS if recorded[key] != now[key]]
-    if diffs:
-        raise IntegrityFailure(f"{when}: image data fingerprint changed since discovery: " + "; ".join(diffs))
+def recorded(row: ImageRow) -> dict[str, Any]:
+    """What discovery recorded of the image's data."""
+    return {key: getattr(row, key) for key in FINGERPRINT_FIELDS}
 
 
-def has_fingerprint(image: dict[str, Any]) -> bool:
+def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Evidence that `now` describes other bytes than `before`, comparing what is comparable.
+
+    Size always; the md5 `checksum` when `before` has one; the multihash when both name the same algorithm.
+    Images from before Rocky have md5 only, and Glance computes the multihash with its current
+    `hashing_algorithm` whenever it writes data (a copy-image, location-swap's copy), so a multihash that
+    appears, or one of another algorithm, is new information, not a change. A hash that disappears is a
+    change. At least one hash must be comparable: size alone proves nothing.
+    """
+    problems = []
+    if before.get("size") != now.get("size"):
+        problems.append(f"size {before.get('size')!r} -> {now.get('size')!r}")
+    comparable = False
+    if before.get("checksum"):
+        comparable = True
+        if now.get("checksum") != before["checksum"]:
+            problems.append(f"checksum (md5) {before['checksum']!r} -> {now.get('checksum')!r}")
+    if before.get("os_hash_value") and now.get("os_hash_algo") in (before.get("os_hash_algo"), None):
+        comparable = True
+        if now.get("os_hash_value") != before["os_hash_value"]:
+            problems.append(
+                f"os_hash_value ({before.get('os_hash_algo')}) {before['os_hash_value']!r} -> "
+                f"{now.get('os_hash_value')!r}"
+            )
+    if not comparable and not problems:
+        problems.append(
+            f"no hash to compare: the record has {_hashes(before) or 'none'}, Glance now shows {_hashes(now) or 'none'}"
+        )
+    return problems
+
+
+def new_hashes(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """What Glance computed that the record lacked (a multihash for an md5-only image, or one of its current
+    algorithm), as a note for the event log; "" when nothing is new."""
+    algo, value = now.get("os_hash_algo"), now.get("os_hash_value")
+    if not value or (algo == before.get("os_hash_algo") and value == before.get("os_hash_value")):
+        return ""
+    had = _hashes(before)
+    return f"Glance computed a new {algo} hash of the data (the record had {had or 'no hash'})"
+
+
+def _hashes(image: Mapping[str, Any]) -> str:
+    found = [f"{image.get('os_hash_algo')}" if image.get("os_hash_value") else ""]
+    found.append("md5" if image.get("checksum") else "")
+    return " and ".join(f for f in found if f)
+
+
+def check_unchanged(row: ImageRow, image: Mapping[str, Any], when: str) -> str:
+    """Raise IntegrityFailure if the image's data as Glance describes it now is not the data discovery recorded
+    (see `differences`). Returns a note of the hashes Glance computed since (see `new_hashes`), or ""."""
+    problems = differences(recorded(row), image)
+    if problems:
+        raise IntegrityFailure(f"{when}: image data fingerprint changed since discovery: " + "; ".join(problems))
+    return new_hashes(recorded(row), image)
+
+
+def has_fingerprint(image: Mapping[str, Any]) -> bool:
     """An image can only be verified if Glance recorded a size and at least one hash for it."""
     return image.get("size") is not None and bool(image.get("os_hash_value") or image.get("checksum"))
 

@@ -93,7 +93,7 @@ class Invariants:
         expect = dict(expect or {})
         doc = status_json(db, dict(env))
         run = doc["run"]
-        from_store, to_store, strategy = run["from_store"], run["to_store"], run["strategy"]
+        from_store, to_store = run["from_store"], run["to_store"]
         rows = {row["id"]: row for row in doc["images"]}
 
         # Nothing lost, counted first so that the record says so even when a detail below fails.
@@ -122,7 +122,7 @@ class Invariants:
                 assert raw_image(conn, seeded.id) is None
                 continue
             if want == "done":
-                check_done = assert_swapped if strategy == "location-swap" else assert_migrated
+                check_done = assert_swapped if row["strategy"] == "location-swap" else assert_migrated
                 check_done(conn, lab, seeded, from_store, to_store)
                 assert set((row["stores_after"] or "").split(",")) == {to_store}, f"status disagrees: {row}"
             else:
@@ -130,11 +130,12 @@ class Invariants:
                 if row["state"] != "blocked":  # nothing of it was removed
                     assert from_store in stores_of(conn, seeded.id), f"{seeded.id} lost its {from_store} copy"
             copies = copies_of(conn, seeded.id)
-            wanted = 1 if strategy == "location-swap" and row["state"] in {"done", "blocked"} else None
+            swapped = row["strategy"] == "location-swap"  # a run's 0-byte images go by copy-image
+            wanted = 1 if swapped and row["state"] in {"done", "blocked"} else None
             if wanted is not None:
                 assert len(copies) == wanted, f"{seeded.id}: {len(copies)} copies"
             else:  # a failed location-swap keeps its verified copy for `retry`; copy-image makes none
-                assert len(copies) <= (1 if strategy == "location-swap" else 0), f"{seeded.id}: {len(copies)} copies"
+                assert len(copies) <= (1 if swapped else 0), f"{seeded.id}: {len(copies)} copies"
             for copy in copies:
                 assert copy["os_hidden"] is True, f"copy {copy['id']} of {seeded.id} is not hidden"
         if all(row["state"] == "done" or row["state"] in NOT_DONE for row in rows.values()):
@@ -150,7 +151,11 @@ def _whole(conn: Connection, seeded: Seeded, *, corrupted: bool) -> bool:
     image = raw_image(conn, seeded.id)
     if image is None or image["status"] != "active" or not stores_of(conn, seeded.id):
         return False
-    return corrupted or download_sha512(conn, seeded.id) == seeded.sha512
+    if corrupted:
+        return True
+    served = conn.image.get(f"/images/{seeded.id}/file", stream=True)  # 204: its locations point at nothing
+    served.close()
+    return served.status_code == 200 and download_sha512(conn, seeded.id) == seeded.sha512
 
 
 def _active_without_data(conn: Connection) -> list[str]:

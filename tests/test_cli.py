@@ -273,6 +273,7 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
         "id",
         "name",
         "state",
+        "strategy",  # per image: a location-swap run moves its 0-byte images by copy-image
         "failed_at",
         "error",
         "error_kind",

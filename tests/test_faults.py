@@ -34,7 +34,7 @@ import pytest
 import yaml
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_CLOUD, EXIT_OK
+from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
 from tests.faultproxy import IMAGE_DATA, FaultProxy
 from tests.glancetools import (
     Seeded,
@@ -280,6 +280,33 @@ def test_short_503_bursts_are_retried_transparently(via_proxy: Proxied) -> None:
     p.check(images)
     doc = status_json(db, p.env)
     assert doc["run"]["complete"] and doc["counts"]["done"] == len(images)
+
+
+def test_an_image_glance_keeps_failing_fails_alone_and_the_run_goes_on(via_proxy: Proxied) -> None:
+    """Glance answers 503 to every copy request of one image while it serves everything else: that image fails
+    after bounded retries with the reason, the others move; `retry` finishes it once Glance is well again."""
+    p = via_proxy
+    images = _seed(p.conn, "one-bad", [MiB, 64 * 1024, 3 * MiB])
+    bad = images[1]
+    p.proxy.burst_503(100_000, path=f"/v2/images/{bad.id}/import", method="POST")
+    db = p.tmp / "state.db"
+    proc = p.run("run", "--from-store", "old", "--to-store", "new", *_select(images), "--db", str(db))
+    assert proc.returncode == EXIT_PARTIAL, f"exit code {proc.returncode}\n{proc.stderr}\n{p.proxy.report()}"
+    assert "Traceback" not in proc.stderr and SAVED not in proc.stderr, proc.stderr
+    rows = {row["id"]: row for row in status_json(db, p.env)["images"]}
+    assert rows[bad.id]["state"] == "failed" and "while it answered other requests" in rows[bad.id]["error"]
+    assert all(rows[s.id]["state"] == "done" for s in images if s is not bad), rows
+    assert p.proxy.injected["503"] >= 12, p.proxy.report()  # two attempts of the step, each with its retries
+    p.invariants.check(p.lab, p.conn, db, p.env, images, faults=dict(p.proxy.injected), expect={bad.id: "failed"})
+
+    # A retry loop (`until glance-migrator run --resume; do sleep 60; done`) ends: a resume cannot move it.
+    resumed = p.run("run", "--resume", "--db", str(db))
+    assert resumed.returncode == EXIT_OK and "1 failed or blocked image(s) wait for" in resumed.stderr, resumed.stderr
+
+    p.proxy.pass_through()
+    retried = p.run("retry", bad.id, "--db", str(db))
+    assert retried.returncode == EXIT_OK, retried.stderr
+    p.check(images)
 
 
 def test_long_503_outage_stops_the_run_resumably_then_resume_finishes(via_proxy: Proxied) -> None:

@@ -35,6 +35,7 @@ from glance_migrator.verify import check_unchanged
 
 log = logging.getLogger(__name__)
 
+MAX_OLD_LOCATIONS: Final = 16  # store deletes (one location each) tried before giving up on an image
 MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running nor failed) is asked again
 LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks the lock of a dead task
 # Glance breaks a task's import lock, on the next import request, once the task was last updated this long ago.
@@ -142,12 +143,14 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
             _post_copy(ctx, row)  # Glance breaks the expired lock and starts a new task
         elif lock is None:
             if ctx.to_store in stores:
-                check_unchanged(row, image, "after copy")
+                computed = check_unchanged(row, image, "after copy")
                 return StepResult(
-                    f"in store {ctx.to_store}, verified by Glance; size and hashes unchanged",
+                    f"in store {ctx.to_store}, verified by Glance; size and hashes unchanged"
+                    + (f"; {computed}" if computed else ""),
                     {
                         "after_stores": ",".join(sorted(stores)),
                         "after_checksum": image.get("checksum"),
+                        "after_hash_algo": image.get("os_hash_algo"),
                         "after_hash_value": image.get("os_hash_value"),
                         "after_size": image.get("size"),
                     },
@@ -191,31 +194,38 @@ def _unlocked(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
 
 def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
     image = _unlocked(ctx, row)
-    stores = image_stores(image)
-    # The one irreversible step: only with the copy in the target store and the hashes as recorded.
-    check_unchanged(row, image, "before removing the old copy")
-    if ctx.from_store not in stores:
-        if ctx.to_store not in stores:
-            raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
+    if ctx.from_store not in image_stores(image):
+        check_unchanged(row, image, "before removing the old copy")
+        if ctx.to_store not in image_stores(image):
+            raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {image.get('stores')})")
         return left_old_store(ctx, row, f"already gone from store {ctx.from_store}")
-    if ctx.to_store not in stores:
-        raise ImageFailure(
-            f"refusing to delete from {ctx.from_store}: {ctx.to_store} no longer lists the image "
-            f"(stores: {sorted(stores)})"
-        )
-    guard(ctx.shared, image)  # Glance deletes that data whoever else lists it
-    try:
-        ctx.glance.delete_from_store(row.image_id, ctx.from_store)
-    except GlanceHTTPError as e:
-        if ctx.from_store not in image_stores(_current(ctx, row)):
-            return left_old_store(ctx, row, f"already gone from store {ctx.from_store}")  # our earlier delete landed
-        if e.status == 409:  # e.g. an RBD snapshot with clone children (instances, volumes) in the old store
-            raise ImageBlocked(
-                f"Glance will not delete the copy in {ctx.from_store} yet: {e}. Both copies are intact. "
-                "If the old store is Ceph, images cloned from this one (Nova/Cinder `rbd clone`) hold it: "
-                "flatten or remove them, then `glance-migrator retry`"
-            ) from e
-        raise ImageFailure(f"Glance refused to delete the copy in {ctx.from_store}: {e}", kind="refused") from e
+    # Glance deletes one location per call (the first in that store): an image can list several there.
+    for _ in range(MAX_OLD_LOCATIONS):
+        # The one irreversible step: only with the copy in the target store and the hashes as recorded.
+        check_unchanged(row, image, "before removing the old copy")
+        if ctx.to_store not in image_stores(image):
+            raise ImageFailure(
+                f"refusing to delete from {ctx.from_store}: {ctx.to_store} no longer lists the image "
+                f"(stores: {image.get('stores')})"
+            )
+        guard(ctx.shared, image)  # Glance deletes that data whoever else lists it
+        try:
+            ctx.glance.delete_from_store(row.image_id, ctx.from_store)
+        except GlanceHTTPError as e:
+            if ctx.from_store not in image_stores(_current(ctx, row)):
+                break  # our earlier delete landed
+            if e.status == 409:  # e.g. an RBD snapshot with clone children (instances, volumes) in the old store
+                raise ImageBlocked(
+                    f"Glance will not delete the copy in {ctx.from_store} yet: {e}. Both copies are intact. "
+                    "If the old store is Ceph, images cloned from this one (Nova/Cinder `rbd clone`) hold it: "
+                    "flatten or remove them, then `glance-migrator retry`"
+                ) from e
+            raise ImageFailure(f"Glance refused to delete the copy in {ctx.from_store}: {e}", kind="refused") from e
+        image = _unlocked(ctx, row)
+        if ctx.from_store not in image_stores(image):
+            break
+    else:
+        raise ImageFailure(f"still listed in {ctx.from_store} after {MAX_OLD_LOCATIONS} store deletes")
     return left_old_store(ctx, row, f"deleted from store {ctx.from_store}")
 
 

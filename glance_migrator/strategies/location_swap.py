@@ -25,7 +25,7 @@ from glance_migrator.sharing import COPY_OF_PROPERTY, guard
 from glance_migrator.spool import HashingReader, Spool
 from glance_migrator.state import State
 from glance_migrator.strategies import Step, StepContext, StepResult, current_image, left_old_store
-from glance_migrator.verify import DataHasher, check_unchanged, fingerprint, hash_file
+from glance_migrator.verify import DataHasher, check_unchanged, differences, fingerprint, hash_file, recorded
 
 UPLOAD_ATTEMPTS: Final = 3
 TRANSFER_ATTEMPTS: Final = 3  # downloads whose connection breaks are started again this many times in all
@@ -90,7 +90,7 @@ def _transfer(ctx: StepContext, what: str, action: Callable[[], T]) -> T:
 def _usable_copy(ctx: StepContext, row: ImageRow, copy: dict[str, Any]) -> bool:
     return (
         copy.get("status") == "active"
-        and fingerprint(copy) == {k: getattr(row, k) for k in fingerprint(copy)}
+        and not differences(recorded(row), copy)  # B's multihash is Glance's current algorithm: md5 compares
         and ctx.to_store in stores_holding(copy, ctx.legacy)
     )
 
@@ -304,8 +304,10 @@ def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
     image = current_image(ctx, row.image_id)
     check_unchanged(row, image, "final check")
     stores = stores_holding(image, ctx.legacy)
-    if stores != {ctx.to_store}:
-        raise ImageFailure(f"final check: expected stores {{{ctx.to_store}}}, found {sorted(stores)}")
+    if ctx.to_store not in stores or ctx.from_store in stores:  # locations in other stores stay
+        raise ImageFailure(
+            f"final check: expected in {ctx.to_store} and not in {ctx.from_store}, found {sorted(stores)}"
+        )
 
     def fetch() -> DataHasher:
         hasher = DataHasher(row.os_hash_algo)

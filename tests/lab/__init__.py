@@ -30,7 +30,8 @@ requests and import tasks queue for the database instead of failing with "databa
 Extra stores (see S3_STORE, CEPH_STORE; they start in threads while Keystone and Glance come up):
 - driver "s3": one ``weed mini`` (SeaweedFS 4.48) on loopback, every port it opens pinned to a free port,
   telemetry off, GOMEMLIMIT 512 MiB, bucket ``glance``, one identity (S3_ACCESS_KEY/S3_SECRET_KEY).
-  Ready ~1.5 s after launch. ``lab.s3_objects()`` lists a bucket (SigV4-signed, stdlib only).
+  Ready ~1.5 s after launch. ``lab.s3_objects()`` lists a bucket (SigV4-signed, stdlib only), ``lab.s3_object()``
+  reads an object, ``lab.s3_put()`` writes one.
 - driver "rbd": a single-node Ceph 16 from the Debian packages (CEPH_PACKAGES, see CEPH_APT_COMMAND): mon,
   mgr and one memstore OSD (RAM, capped at CEPH_MEMSTORE_GIB), pool ``images``, user client.glance. Glance
   reads the cluster fsid at start-up, so it is spawned once the mon listens; start() returns once an
@@ -40,6 +41,8 @@ Extra stores (see S3_STORE, CEPH_STORE; they start in threads while Keystone and
   ``lab.ceph(...)`` run the CLIs against the cluster (as client.admin), ``lab.ceph_conf`` is its ceph.conf.
 - legacy single-store Glance (``Lab(legacy_default_store="file"|"rbd")`` or ``lab.reconfigure_legacy()``):
   no enabled_backends; ``[glance_store] stores = file, rbd`` and ``default_store``, as before multi-store.
+- other settings: ``lab.reconfigure({"DEFAULT": {"show_multiple_locations": "False"}})`` restarts Glance with
+  those [section] key = value overrides in glance-api.conf; ``lab.reconfigure({})`` goes back to the defaults.
 
 Layout of a lab directory (everything the lab writes is below it):
     clouds.yaml          lab-admin (admin/admin) and lab-demo (demo/demo), password 'secret'
@@ -352,8 +355,11 @@ def _listening(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
-def _s3_request(port: int, method: str, path: str, query: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-    """One S3 request (empty body) to the lab's SeaweedFS, signed with AWS Signature V4 as S3_ACCESS_KEY."""
+def _s3_request(
+    port: int, method: str, path: str, query: Mapping[str, str] | None = None, *, body: bytes = b""
+) -> tuple[int, bytes]:
+    """One S3 request (`body`, empty by default) to the lab's SeaweedFS, signed with AWS Signature V4 as
+    S3_ACCESS_KEY."""
 
     def quote(value: str, safe: str = "-_.~") -> str:
         return urllib.parse.quote(value, safe=safe)
@@ -361,7 +367,7 @@ def _s3_request(port: int, method: str, path: str, query: Mapping[str, str] | No
     path = quote(path, safe="/-_.~")
     canonical_query = "&".join(f"{quote(k)}={quote(v)}" for k, v in sorted((query or {}).items()))
     amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    payload_hash = hashlib.sha256(b"").hexdigest()
+    payload_hash = hashlib.sha256(body).hexdigest()
     headers = {"host": f"{HOST}:{port}", "x-amz-content-sha256": payload_hash, "x-amz-date": amz_date}
     signed_headers = ";".join(sorted(headers))
     header_lines = [f"{k}:{headers[k]}" for k in sorted(headers)]
@@ -379,7 +385,8 @@ def _s3_request(port: int, method: str, path: str, query: Mapping[str, str] | No
     )
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     try:
-        conn.request(method, path + (f"?{canonical_query}" if canonical_query else ""), headers=headers)
+        target = path + (f"?{canonical_query}" if canonical_query else "")
+        conn.request(method, target, body=body or None, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -470,6 +477,42 @@ def _render(template: Path, values: Mapping[str, str]) -> str:
     return text
 
 
+def _override_ini(text: str, options: Mapping[str, Mapping[str, str]]) -> str:
+    """`text` (an oslo.config ini file) with `options` ({section: {key: value}}) set: a key's first line in its
+    section is replaced, later ones dropped; a key the section lacks goes right after its header; a missing
+    section is appended. Comments and every other line are kept."""
+    # split into blocks: the lines before the first header, then [header, *lines] per section
+    blocks: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in text.splitlines():
+        header = re.match(r"^\[([^\]]+)\]\s*$", line)
+        if header:
+            blocks.append((header.group(1).strip(), [line]))
+        else:
+            blocks[-1][1].append(line)
+    out: list[str] = []
+    for section, lines in blocks:
+        given = options.get(section, {}) if section is not None else {}
+        wanted = dict(given)
+        if not wanted:
+            out += lines
+            continue
+        body: list[str] = []
+        for line in lines[1:]:
+            match = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*=", line)
+            if match and match.group(1) in given:
+                key = match.group(1)
+                if key in wanted:  # the first line of the key: replaced; later ones dropped
+                    body.append(f"{key} = {wanted.pop(key)}")
+                continue
+            body.append(line)
+        out += [lines[0], *(f"{k} = {v}" for k, v in wanted.items()), *body]
+    present = {section for section, _ in blocks}
+    for section, values in options.items():
+        if section not in present and values:
+            out += ["", f"[{section}]", *(f"{k} = {v}" for k, v in values.items())]
+    return "\n".join(out) + "\n"
+
+
 @dataclasses.dataclass
 class _Step:
     """A running keystone-manage / glance-manage command."""
@@ -522,6 +565,7 @@ class Lab:
         self._glance_venv: Path | None = None
         self._weed_venv: Path | None = None
         self._cancel = threading.Event()  # set when start() fails: the backend threads give up
+        self.glance_overrides: dict[str, dict[str, str]] = {}  # see reconfigure()
         state = self.run_dir / "lab.json"
         if state.exists():  # a lab started earlier in this dir (python -m tests.lab)
             with contextlib.suppress(ValueError, OSError, KeyError):
@@ -670,6 +714,12 @@ class Lab:
             raise LabError(f"S3 GET {bucket}/{key}: HTTP {status} {body[:300]!r}")
         return body
 
+    def s3_put(self, key: str, data: bytes, bucket: str = S3_BUCKET) -> None:
+        """Write object `key` in `bucket` (PUT, one request): e.g. to change an image's bytes behind Glance's back."""
+        status, body = _s3_request(self._port("s3"), "PUT", f"/{bucket}/{key}", body=data)
+        if status != 200:
+            raise LabError(f"S3 PUT {bucket}/{key}: HTTP {status} {body[:300]!r}")
+
     # ---- life cycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -785,6 +835,19 @@ class Lab:
         (enabled_backends from self.stores). Images and their locations are kept."""
         self.legacy_default_store = default_store
         self.write_glance_config()
+        self.restart_glance()
+
+    def reconfigure(self, options: Mapping[str, Mapping[str, str]]) -> None:
+        """Restart Glance with glance-api.conf rewritten (write_glance_config()) plus `options`:
+        {section: {key: value}}, each replacing that key's line in the section or added to it (a missing
+        section is appended), e.g. {"DEFAULT": {"show_multiple_locations": "False"}} or
+        {"image_format": {"require_image_format_match": "False"}}. Each call replaces the previous
+        overrides: reconfigure({}) restores the lab's own configuration. Images and their locations are
+        kept. The overrides are in lab.glance_overrides; write_glance_config() and reconfigure_legacy()
+        alone do not apply them."""
+        self.glance_overrides = {section: dict(values) for section, values in options.items()}
+        self.write_glance_config()
+        self.glance_conf.write_text(_override_ini(self.glance_conf.read_text(), self.glance_overrides))
         self.restart_glance()
 
     def running_services(self) -> list[str]:
