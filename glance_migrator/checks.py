@@ -29,16 +29,24 @@ class CloudProfile:
     import_methods: list[str]
     locations_visible: bool | None  # None: no image to look at
     roles: frozenset[str]
+    locations_api: bool | None = None  # GET /v2/images/{id}/locations answers us (None: not asked)
 
     @classmethod
     def read(cls, glance: Glance) -> CloudProfile:
         sample = next(iter(glance.list_images(limit=1)), None)
+        visible = None if sample is None else "locations" in sample
         return cls(
             stores=glance.stores(),
             import_methods=glance.import_methods(),
-            locations_visible=None if sample is None else "locations" in sample,
+            locations_visible=visible,
             roles=frozenset(glance.roles()),
+            locations_api=None if sample is None or visible else glance.image_locations(sample["id"]) is not None,
         )
+
+    @property
+    def sharing_unseen(self) -> bool:
+        """Glance shows nobody's locations to us: who else uses data about to be deleted cannot be known."""
+        return self.locations_visible is False and self.locations_api is False
 
     def store_type(self, store: str) -> str | None:
         if self.stores is None:  # legacy: the store *is* the backend
@@ -61,7 +69,9 @@ def choose_strategy(profile: CloudProfile, from_store: str) -> tuple[Strategy, s
     return Strategy.COPY_IMAGE, "Glance offers copy-image and knows both stores"
 
 
-def assess(profile: CloudProfile, from_store: str, to_store: str, strategy: Strategy) -> list[Finding]:
+def assess(
+    profile: CloudProfile, from_store: str, to_store: str, strategy: Strategy, accept_unseen_sharing: bool = False
+) -> list[Finding]:
     """Everything that stands in the way of `strategy` from `from_store` to `to_store` (empty: it can run)."""
     problems = []
     if from_store == to_store:
@@ -115,6 +125,17 @@ def assess(profile: CloudProfile, from_store: str, to_store: str, strategy: Stra
                 "location-swap needs them: use --strategy copy-image",
             )
         )
+    if strategy == Strategy.COPY_IMAGE and profile.sharing_unseen and not accept_unseen_sharing:
+        problems.append(
+            Finding(
+                "sharing",
+                False,
+                "Glance hides image locations and refuses GET /v2/images/ID/locations, so whether another image "
+                "shares the data a store delete removes cannot be known: a run would refuse to delete. Give the "
+                "user the service role (Glance 29-31; admin suffices from 32) or show_multiple_locations = True "
+                "on the glance-api it uses, or accept the risk with --accept-unseen-sharing",
+            )
+        )
     if profile.roles and not profile.roles & ADMIN_ROLES:
         problems.append(
             Finding(
@@ -127,9 +148,11 @@ def assess(profile: CloudProfile, from_store: str, to_store: str, strategy: Stra
     return problems
 
 
-def preflight(profile: CloudProfile, from_store: str, to_store: str, strategy: Strategy) -> None:
+def preflight(
+    profile: CloudProfile, from_store: str, to_store: str, strategy: Strategy, accept_unseen_sharing: bool = False
+) -> None:
     """Refuse, before anything changes, a run that cannot work on this cloud."""
-    for problem in assess(profile, from_store, to_store, strategy):
+    for problem in assess(profile, from_store, to_store, strategy, accept_unseen_sharing):
         raise problem.error(problem.detail)
 
 
@@ -151,11 +174,17 @@ def report(profile: CloudProfile, from_store: str | None, to_store: str | None, 
         Finding("import methods", True, ", ".join(profile.import_methods) or "none"),
         Finding(
             "locations",
-            profile.locations_visible is not False,
+            not profile.sharing_unseen,
             {
                 True: "visible (show_multiple_locations = True): images sharing a data object are found before "
                 "any delete",
-                False: "hidden: location-swap impossible, and images sharing a data object cannot be seen",
+                False: "hidden: location-swap impossible; "
+                + (
+                    "images sharing a data object are found through GET /v2/images/ID/locations"
+                    if profile.locations_api
+                    else "images sharing a data object cannot be seen: a copy-image run refuses to delete "
+                    "unless --accept-unseen-sharing"
+                ),
                 None: "unknown: no image to look at",
             }[profile.locations_visible],
         ),

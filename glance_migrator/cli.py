@@ -61,6 +61,15 @@ StuckAfterOption = Annotated[
     ),
 ]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64, help="Images migrated at the same time.")]
+AcceptUnseenSharingOption = Annotated[
+    bool,
+    typer.Option(
+        "--accept-unseen-sharing",
+        help="Delete old data even where Glance lets no one see whether another image shares it (locations "
+        "hidden, GET /v2/images/ID/locations refused): that image would lose its data. Without it such a run "
+        "stops before its first delete.",
+    ),
+]
 RunIdOption = Annotated[int | None, typer.Option("--run", help="Run id (default: the latest run).")]
 
 
@@ -192,6 +201,7 @@ def run(
     ] = False,
     workers: WorkersOption = 1,
     stuck_after: StuckAfterOption = STUCK_AFTER,
+    accept_unseen_sharing: AcceptUnseenSharingOption = False,
     db: DbOption = None,
     os_cloud: CloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
@@ -221,6 +231,7 @@ def run(
             image_ids=image or [],
             strategy=chosen,
             filters=filters,
+            accept_unseen_sharing=accept_unseen_sharing,
         )
         render.print_plan(the_plan)
         return
@@ -240,6 +251,7 @@ def run(
             no_spool=no_spool,
             filters=filters,
             progress=live,
+            accept_unseen_sharing=accept_unseen_sharing,
         )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))
@@ -328,6 +340,7 @@ def retry(
     run_id: RunIdOption = None,
     workers: WorkersOption = 1,
     stuck_after: StuckAfterOption = STUCK_AFTER,
+    accept_unseen_sharing: AcceptUnseenSharingOption = False,
     db: DbOption = None,
     os_cloud: CloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
@@ -345,6 +358,7 @@ def retry(
         queue_only=queue_only,
         workers=workers,
         stuck_after=stuck_after,
+        accept_unseen_sharing=accept_unseen_sharing,
     )
     render.print_status(rep)
     raise typer.Exit(render.exit_code(rep))

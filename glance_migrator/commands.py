@@ -64,6 +64,7 @@ def run_migration(
     filters: Filters = NO_FILTERS,
     progress: ProgressSink | None = None,
     stuck_after: float = STUCK_AFTER,
+    accept_unseen_sharing: bool = False,
 ) -> RunReport:
     """Start a run (discover, then migrate), or with `resume` continue the unfinished one.
 
@@ -112,7 +113,7 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
-        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters)
+        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
         strategy, rows = the_plan.strategy, the_plan.rows
         spool = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
@@ -128,7 +129,15 @@ def run_migration(
             from_store,
             to_store,
         )
-    runner = Runner(db, glance, run, workers, progress=progress, stuck_after=stuck_after)
+    runner = Runner(
+        db,
+        glance,
+        run,
+        workers,
+        progress=progress,
+        stuck_after=stuck_after,
+        accept_unseen_sharing=accept_unseen_sharing,
+    )
     with graceful_interrupts(runner):
         runner.run()
     db.finish_run_if_complete(run.id)
@@ -155,22 +164,30 @@ def plan(
     image_ids: Sequence[str] = (),
     strategy: Strategy | None = None,
     filters: Filters = NO_FILTERS,
+    accept_unseen_sharing: bool = False,
 ) -> Plan:
     """`run --dry-run`: discover and classify exactly as a run would; change nothing, in Glance or the DB."""
     if not from_store or not to_store:
         raise UsageError("--from-store and --to-store are required to plan a run")
-    return _plan(connect(), from_store, to_store, parse_image_ids(image_ids), strategy, filters)
+    ids = parse_image_ids(image_ids)
+    return _plan(connect(), from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
 
 
 def _plan(
-    glance: Glance, from_store: str, to_store: str, ids: Sequence[str], strategy: Strategy | None, filters: Filters
+    glance: Glance,
+    from_store: str,
+    to_store: str,
+    ids: Sequence[str],
+    strategy: Strategy | None,
+    filters: Filters,
+    accept_unseen_sharing: bool,
 ) -> Plan:
     profile = CloudProfile.read(glance)
     why = "chosen with --strategy"
     if strategy is None:
         strategy, why = choose_strategy(profile, from_store)
         log.info("strategy auto: %s, because %s", strategy, why)
-    preflight(profile, from_store, to_store, strategy)
+    preflight(profile, from_store, to_store, strategy, accept_unseen_sharing)
     # Glance refuses to add a location whose data is empty, so location-swap moves 0-byte images by copy-image
     # where Glance offers it (and skips them, saying why, where not).
     empty = strategy if strategy == Strategy.COPY_IMAGE else choose_strategy(profile, from_store)[0]
@@ -209,6 +226,7 @@ def retry(
     queue_only: bool = False,
     workers: int = 1,
     stuck_after: float = STUCK_AFTER,
+    accept_unseen_sharing: bool = False,
 ) -> RunReport:
     """Put failed images back at the step they failed at, then (unless queue_only) migrate them now."""
     if not image_ids and not all_failed:
@@ -240,6 +258,7 @@ def retry(
         workers=workers,
         strategy=Strategy(run.strategy),
         stuck_after=stuck_after,
+        accept_unseen_sharing=accept_unseen_sharing,
     )
 
 

@@ -259,12 +259,28 @@ class Glance:
             return False
         return True
 
-    def last_task_message(self, image_id: str) -> str | None:
-        """The message of the image's newest task (why an import failed), if Glance shows it."""
+    def image_locations(self, image_id: str) -> list[dict[str, Any]] | None:
+        """The image's locations through `GET /v2/images/{id}/locations` (API 2.17, Glance 29 on), which does not
+        need show_multiple_locations; None where Glance has no such call or its policy refuses us
+        (fetch_image_location: the service role up to Glance 31, admin too from 32)."""
         try:
-            tasks = self._call("GET", f"/images/{image_id}/tasks").json().get("tasks", [])
+            return list(self._call("GET", f"/images/{image_id}/locations").json())
+        except GlanceHTTPError as e:
+            if e.status in (403, 404, 405):
+                return None
+            raise
+
+    def image_tasks(self, image_id: str) -> list[dict[str, Any]] | None:
+        """The image's tasks (imports, copies: input, status, created_at, message), oldest first; None if Glance
+        will not show them. Glance keeps a task for `[task] task_time_to_live` hours (48 by default)."""
+        try:
+            return list(self._call("GET", f"/images/{image_id}/tasks").json().get("tasks", []))
         except GlanceHTTPError:
             return None
+
+    def last_task_message(self, image_id: str) -> str | None:
+        """The message of the image's newest task (why an import failed), if Glance shows it."""
+        tasks = self.image_tasks(image_id)
         return redact(str(tasks[-1].get("message") or "")) or None if tasks else None
 
     def get_task(self, task_id: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, Protocol
 
+from glance_migrator.deletion import drop_copies_of_gone_image
 from glance_migrator.errors import Aborted, ImageBlocked, ImageFailure, ImageSkipped, InternalError, MigratorError
 from glance_migrator.glance import Glance, GlanceHTTPError, GlanceUnavailable
 from glance_migrator.models import ImageRow, Run
@@ -22,7 +23,7 @@ from glance_migrator.sharing import SHARED, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
 from glance_migrator.statedb import LEASE_TTL, LeaseLost, LeaseOwner, StateDB
-from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for, tidy_for
+from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Runner:
         workers: int = 1,
         progress: ProgressSink | None = None,
         stuck_after: float = STUCK_AFTER,
+        accept_unseen_sharing: bool = False,
     ) -> None:
         self.db = db
         self.glance = glance
@@ -60,7 +62,7 @@ class Runner:
         self._lock = threading.Lock()
         self.progress = progress
         self.legacy = glance.stores() is None
-        self.shared = SharedData(glance, run.from_store, self.legacy)
+        self.shared = SharedData(glance, run.from_store, self.legacy, accept_unseen_sharing)
 
     def run(self) -> None:
         """Work until every image of the run is finished, the operator stops us, or a fatal error.
@@ -196,7 +198,7 @@ class Runner:
                 outcome = State.BLOCKED if isinstance(e, ImageBlocked) else State.FAILED
                 error = str(e)
                 if kind == "gone":  # before recording: a crash in between tidies again
-                    error = "; ".join(filter(None, [error, _tidy(strategy, ctx, row)]))
+                    error = "; ".join(filter(None, [error, _tidy(ctx, row)]))
                 self._record(row, outcome, error, error=error, error_kind=kind)
                 log.error("%s: %s at %s: %s", label, outcome, row.state, error)
                 return
@@ -220,15 +222,18 @@ def _cause(error: GlanceUnavailable) -> str:
     return str(error.__cause__ or error).split("; progress is saved")[0]
 
 
-def _tidy(strategy: Strategy, ctx: StepContext, row: ImageRow) -> str:
-    """The image was deleted by someone else: let the strategy remove what it made for it; what it did."""
-    tidy = tidy_for(strategy)
-    if tidy is None:
-        return ""
+def _tidy(ctx: StepContext, row: ImageRow) -> str:
+    """The image was deleted by someone else (Glance confirms it): remove what the run made for it, its copies
+    (deletion.py) and its spool file, which nothing else uses; says what it did."""
     try:
-        return tidy(ctx, row)
+        if ctx.glance.get_image(row.image_id) is not None:
+            return ""  # a step failed as "gone" because its copy vanished: the image itself is still there
+        notes = [drop_copies_of_gone_image(ctx, row)]
     except (ImageFailure, GlanceHTTPError) as e:  # (Glance unavailable stops the run: resume tidies again)
         return f"could not remove what the run made for it: {e}"
+    if ctx.spool is not None and ctx.spool.remove(row.image_id):
+        notes.append("removed its spool file")
+    return "; ".join(filter(None, notes))
 
 
 @contextmanager

@@ -60,3 +60,24 @@ def test_changed_metadata_a_leftover_lease_and_a_wrong_state_are_caught(
     patch(admin_conn, images[0].id, [{"op": "add", "path": "/extra", "value": "x"}])
     with pytest.raises(AssertionError, match="metadata changed"):
         check(lab, admin_conn, db, lab.env(), images, faults={})
+
+
+def test_data_gone_counts_as_lost_and_collateral_damage_is_caught(
+    lab: Any, admin_conn: Connection, migrated: tuple[Path, list[Any]]
+) -> None:
+    """An image whose location points at data that is gone is lost (Glance answers its download with 204), and
+    so is any other active image in Glance, not only the scenario's: deleting a twin's data is caught."""
+    db, images = migrated
+    bystander = seed_image(admin_conn, "checked-bystander", os.urandom(1000))
+    try:
+        (lab.store_dir("old") / bystander.id).unlink()  # another image's data, deleted behind its back
+        with pytest.raises(AssertionError, match=f"serve nothing.*{bystander.id}"):
+            _checker().check(lab, admin_conn, db, lab.env(), images, faults={})
+        (lab.store_dir("new") / images[0].id).unlink()
+        checker = _checker()
+        with pytest.raises(AssertionError, match="images lost"):
+            checker.check(lab, admin_conn, db, lab.env(), images, faults={})
+        assert checker.outcomes[0].lost == 1
+    finally:  # leave no broken image for the scenarios that share this lab
+        for image_id in (bystander.id, images[0].id):
+            assert admin_conn.image.delete(f"/images/{image_id}").status_code in (204, 404)

@@ -1,6 +1,6 @@
 """Images as years-old, many-times-upgraded clouds hold them, made by editing Glance's own DB (tests/corpus.py),
 moved by both strategies: pre-Rocky images with md5 only, multihashes of an older algorithm, empty images,
-several locations in the old store, and an image Glance keeps failing on while it serves the others."""
+several locations in the old store, images sharing data that Glance does not show or labels with no store."""
 
 from __future__ import annotations
 
@@ -8,17 +8,27 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_OK
-from tests.corpus import add_location, drop_multihash, set_multihash, zero_byte_image
-from tests.glancetools import Seeded, cli, raw_image, seed_image, stable
+from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
+from tests.corpus import (
+    add_location,
+    drop_multihash,
+    glance_db,
+    make_twin,
+    set_multihash,
+    strip_store_metadata,
+    zero_byte_image,
+)
+from tests.glancetools import Seeded, cli, download_sha512, raw_image, seed_image, stable, status_json, stores_of
 from tests.invariants import Invariants
+from tests.lab import S3_BUCKET
 
 MiB = 1 << 20
 
@@ -40,16 +50,19 @@ class Cloud:
     invariants: Invariants
     tmp: Path
 
-    def run(self, images: list[Seeded], *args: str) -> Path:
-        """`run --from-store old ARGS` on exactly `images`, which must succeed; then the shared invariants. The
-        state DB's path."""
+    def run(self, images: list[Seeded], *args: str, rc: int = EXIT_OK, expect: dict[str, str] | None = None) -> Path:
+        """`run --from-store old ARGS` on exactly `images`, which must exit `rc`; then the shared invariants, each
+        image done unless `expect` says otherwise. The state DB's path."""
         db = self.tmp / "state.db"
         selected = [arg for s in images for arg in ("--image", s.id)]
         spool = ["--spool-dir", str(self.tmp / "spool")]
         proc = cli("run", "--from-store", "old", *args, *selected, *spool, "--db", str(db), env=self.env, timeout=600)
-        assert proc.returncode == EXIT_OK, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        self.invariants.check(self.lab, self.conn, db, self.env, images, faults={})
+        assert proc.returncode == rc, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        self.invariants.check(self.lab, self.conn, db, self.env, images, faults={}, expect=expect)
         return db
+
+    def cli(self, *args: str, rc: int) -> subprocess.CompletedProcess[str]:
+        return cli(*args, env=self.env, check_rc=rc, timeout=600)
 
 
 @pytest.fixture
@@ -109,3 +122,123 @@ def test_an_image_with_two_locations_in_the_old_store_leaves_it_whole(
     assert image is not None and len(image["locations"]) == 2
     cloud.run([_as_now(cloud.conn, seeded)], "--to-store", to_store, "--strategy", strategy)
     assert not first.exists() and not second.exists(), "data left in the old store"
+
+
+HIDDEN: Final = {"DEFAULT": {"show_multiple_locations": "False"}}  # as the README recommends for copy-image
+
+
+def _blocked_by(db: Path, cloud: Cloud, image_id: str, twin_id: str) -> None:
+    (row,) = [row for row in status_json(db, cloud.env)["images"] if row["id"] == image_id]
+    assert row["state"] == "blocked" and row["error_kind"] == "shared" and twin_id in row["error"], row
+
+
+def test_sharing_is_seen_when_glance_hides_locations(cloud: Cloud) -> None:
+    """With show_multiple_locations = False, who else lists an image's data is read through GET
+    /v2/images/ID/locations (admin, Glance 32 on): an image whose old data is another image's only data is
+    blocked, and that image keeps serving it. (The guard used to return without looking: the twin lost its data.)"""
+    original = seed_image(cloud.conn, "hidden-sharing", os.urandom(MiB))
+    twin = make_twin(cloud.lab, original.id, "hidden-sharing-twin")
+    cloud.lab.reconfigure(HIDDEN)
+    try:
+        assert "locations" not in (raw_image(cloud.conn, original.id) or {})
+        db = cloud.run(
+            [original],
+            "--to-store",
+            "new",
+            "--strategy",
+            "copy-image",
+            rc=EXIT_PARTIAL,
+            expect={original.id: "blocked"},
+        )
+    finally:
+        cloud.lab.reconfigure({})
+    _blocked_by(db, cloud, original.id, twin)
+    assert download_sha512(cloud.conn, twin) == original.sha512
+
+
+def test_a_twin_whose_location_names_no_store_is_seen(cloud: Cloud) -> None:
+    """A converted single-store cloud's locations carry no store metadata in the image list: the sharing
+    index matches data by URL whatever the metadata says. (It used to take only locations naming the source
+    store: the twin lost its data.)"""
+    original = seed_image(cloud.conn, "storeless-sharing", os.urandom(MiB))
+    twin = make_twin(cloud.lab, original.id, "storeless-sharing-twin")
+    strip_store_metadata(cloud.lab, twin)
+    db = cloud.run(
+        [original], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL, expect={original.id: "blocked"}
+    )
+    _blocked_by(db, cloud, original.id, twin)
+    assert download_sha512(cloud.conn, twin) == original.sha512
+
+
+def test_unseen_sharing_stops_the_run_before_any_delete_unless_accepted(cloud: Cloud) -> None:
+    """Where Glance hides locations and its policy refuses the locations API (fetch_image_location for the
+    service role only, as Glance 30.1-31 ship it), sharing cannot be known: `check` says so, a run refuses to
+    start and a resumed run stops before its first delete, both naming --accept-unseen-sharing, which lets
+    them go on."""
+    original = seed_image(cloud.conn, "unseen-sharing", os.urandom(MiB))
+    twin = make_twin(cloud.lab, original.id, "unseen-sharing-twin")
+    db = cloud.run(
+        [original], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL, expect={original.id: "blocked"}
+    )
+    with glance_db(cloud.lab) as glance:  # the twin goes away (not through Glance, which would delete the data)
+        glance.execute("UPDATE images SET deleted = 1, status = 'deleted' WHERE id = ?", (twin,))
+        glance.execute("UPDATE image_locations SET deleted = 1, status = 'deleted' WHERE image_id = ?", (twin,))
+    policy = cloud.lab.etc_dir / "policy-locations-for-service-only.yaml"
+    policy.write_text('"fetch_image_location": "role:service"\n')
+    cloud.lab.reconfigure({**HIDDEN, "oslo_policy": {"policy_file": str(policy)}})
+    try:
+        check = cloud.cli("check", "--from-store", "old", "--to-store", "new", rc=EXIT_CLOUD)
+        assert "--accept-unseen-sharing" in check.stdout, check.stdout
+        other = seed_image(cloud.conn, "unseen-sharing-new-run", os.urandom(1000))
+        refused = cloud.cli(
+            "run",
+            "--from-store",
+            "old",
+            "--to-store",
+            "new",
+            "--strategy",
+            "copy-image",
+            "--image",
+            other.id,
+            "--db",
+            str(cloud.tmp / "refused.db"),
+            rc=EXIT_CLOUD,
+        )
+        assert "--accept-unseen-sharing" in refused.stderr and stores_of(cloud.conn, other.id) == {"old"}
+        cloud.cli("retry", original.id, "--queue-only", "--db", str(db), rc=EXIT_OK)
+        stopped = cloud.cli("run", "--resume", "--db", str(db), rc=EXIT_CLOUD)
+        assert "cannot see whether other images share" in stopped.stderr, stopped.stderr
+        assert stores_of(cloud.conn, original.id) == {"old", "new"}  # nothing deleted
+        cloud.cli("run", "--resume", "--accept-unseen-sharing", "--db", str(db), rc=EXIT_OK)
+    finally:
+        cloud.lab.reconfigure({})
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [original], faults={})
+
+
+def test_a_copy_in_the_target_store_that_nothing_proves_is_made_again(cloud: Cloud) -> None:
+    """An image that already lists a location in the target store (added by hand; Glance checks nothing on a
+    location add) whose bytes are not the image's: copy-image deletes that unproven copy, lets Glance copy
+    afresh, and only then deletes the old data. (It used to take the rotted copy as copied, delete the good old
+    data, and serve the wrong bytes.)"""
+    seeded = seed_image(cloud.conn, "rotted-target-copy", os.urandom(MiB))
+    rotted = cloud.lab.store_dir("new") / f"{seeded.id}.hand-added"
+    rotted.write_bytes(bytes([seeded.data[0] ^ 0xFF]) + seeded.data[1:])
+    add_location(cloud.lab, seeded.id, f"file://{rotted}", "new")
+    assert stores_of(cloud.conn, seeded.id) == {"old", "new"}
+    db = cloud.run([_as_now(cloud.conn, seeded)], "--to-store", "new", "--strategy", "copy-image")
+    assert not rotted.exists(), "the unproven copy is still there"
+    (row,) = status_json(db, cloud.env)["images"]
+    assert row["state"] == "done"
+
+
+def test_location_swap_removes_an_unproven_location_in_the_target_store(cloud: Cloud) -> None:
+    """location-swap of an image that already lists a location in the target store (hand-added, its bytes not
+    the image's): only the copy this run uploaded and verified stays; the unproven location goes before the old
+    data does. (Glance served that location first: the image ended serving the wrong bytes.)"""
+    seeded = seed_image(cloud.conn, "rotted-target-location", os.urandom(MiB))
+    key = f"{seeded.id}.hand-added"
+    cloud.lab.s3_put(key, bytes([seeded.data[0] ^ 0xFF]) + seeded.data[1:])
+    add_location(cloud.lab, seeded.id, f"s3://{cloud.lab.s3_url.removeprefix('http://')}/{S3_BUCKET}/{key}", "s3")
+    assert stores_of(cloud.conn, seeded.id) == {"old", "s3"}
+    cloud.run([_as_now(cloud.conn, seeded)], "--to-store", "s3", "--strategy", "location-swap")
+    assert not any(name.endswith(key) for name in cloud.lab.s3_objects()), "the unproven copy is still there"

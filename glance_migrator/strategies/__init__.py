@@ -16,7 +16,7 @@ from typing import Any, Final
 from glance_migrator.errors import ImageFailure
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import SharedData, retire_copies
+from glance_migrator.sharing import SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
 
@@ -57,9 +57,6 @@ class StepResult:
 
 
 Step = Callable[[StepContext, ImageRow], StepResult]
-# After a step failed with kind "gone": remove what the strategy made for an image that someone deleted
-# (only once Glance confirms the image itself is gone); says what it removed, "" for nothing.
-Tidy = Callable[[StepContext, ImageRow], str]
 
 
 def current_image(ctx: StepContext, image_id: str, what: str = "the image") -> dict[str, Any]:
@@ -70,13 +67,6 @@ def current_image(ctx: StepContext, image_id: str, what: str = "the image") -> d
     return image
 
 
-def left_old_store(ctx: StepContext, row: ImageRow, message: str) -> StepResult:
-    """The image no longer lists data in the source store: its earlier glance-migrator copies that shared that
-    data go too (sharing.retire_copies; location-swap's current copy stays), and the result says so."""
-    retired = retire_copies(ctx.shared, row.image_id, keep=row.copy_image_id)
-    return StepResult(f"{message}; {retired}" if retired else message)
-
-
 def steps_for(strategy: Strategy) -> Mapping[State, Step]:
     from glance_migrator.strategies import copy_image, location_swap  # noqa: PLC0415 - avoids an import cycle
 
@@ -85,11 +75,3 @@ def steps_for(strategy: Strategy) -> Mapping[State, Step]:
         Strategy.LOCATION_SWAP: location_swap.STEPS,
     }
     return registry[strategy]
-
-
-def tidy_for(strategy: Strategy) -> Tidy | None:
-    """The strategy's clean-up after an image was deleted under it; None if it makes nothing of its own."""
-    from glance_migrator.strategies import location_swap  # noqa: PLC0415 - avoids an import cycle
-
-    registry: dict[Strategy, Tidy] = {Strategy.LOCATION_SWAP: location_swap.tidy_after_gone}
-    return registry.get(strategy)

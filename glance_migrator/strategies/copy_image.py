@@ -20,7 +20,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from glance_migrator.errors import ImageBlocked, ImageFailure, IntegrityFailure
+from glance_migrator.deletion import remove_old_data, remove_unproven_copy
+from glance_migrator.errors import ImageFailure, IntegrityFailure
 from glance_migrator.glance import (
     GlanceHTTPError,
     failed_import_stores,
@@ -28,14 +29,12 @@ from glance_migrator.glance import (
     importing_stores,
 )
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import guard
 from glance_migrator.state import State
-from glance_migrator.strategies import Step, StepContext, StepResult, current_image, left_old_store
+from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import check_unchanged
 
 log = logging.getLogger(__name__)
 
-MAX_OLD_LOCATIONS: Final = 16  # store deletes (one location each) tried before giving up on an image
 MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running nor failed) is asked again
 LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks the lock of a dead task
 # Glance breaks a task's import lock, on the next import request, once the task was last updated this long ago.
@@ -67,12 +66,39 @@ def _post_copy(ctx: StepContext, row: ImageRow) -> bool:
         raise ImageFailure(f"Glance refused copy-image: {e}", kind="refused") from e
 
 
+def _proving_task(ctx: StepContext, row: ImageRow) -> str | None:
+    """A copy-image task into the target store that succeeded since the image was discovered (it may have been
+    running then: someone else's copy is adopted): Glance hashed what it wrote against the image's record. Its
+    id; "" when Glance shows the image's tasks and none is such; None when Glance shows no tasks to us."""
+    tasks = ctx.glance.image_tasks(row.image_id)
+    if tasks is None:
+        return None
+    discovered = row.created_at.replace(tzinfo=UTC)
+    for task in reversed(tasks):
+        request = (task.get("input") or {}).get("import_req") or {}
+        if (
+            task.get("status") == "success"
+            and (request.get("method") or {}).get("name") == "copy-image"
+            and ctx.to_store in (request.get("stores") or [])
+            and _when(task.get("updated_at")) >= discovered  # it finished since: a copy we saw running counts
+        ):
+            return str(task.get("id"))
+    return ""
+
+
 def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
     image = _current(ctx, row)
     check_unchanged(row, image, "before copy")
     stores = image_stores(image)
+    done = ""
     if ctx.to_store in stores:
-        return StepResult(f"already in store {ctx.to_store}")
+        task = _proving_task(ctx, row)
+        if task:
+            return StepResult(f"already in store {ctx.to_store}, written by Glance's copy task {task}")
+        # Added by hand, or copied before this run and rotted since: only a copy Glance makes now is trusted.
+        done = remove_unproven_copy(ctx, row, image, refresh=lambda: _unlocked(ctx, row)) + "; "
+        image = _current(ctx, row)
+        stores = image_stores(image)
     if ctx.to_store in importing_stores(image) and _lock_holder(image):
         return StepResult(f"a copy to {ctx.to_store} is already running (task {_lock_holder(image)})")
     if ctx.from_store not in stores:
@@ -82,7 +108,7 @@ def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
         if time.monotonic() > deadline:
             raise ImageFailure(f"another operation kept the image locked for {ctx.lock_timeout:.0f} s")
         ctx.sleep(ctx.poll_interval)
-    return StepResult(f"copy-image to {ctx.to_store} accepted")
+    return StepResult(f"{done}copy-image to {ctx.to_store} accepted")
 
 
 class _TaskWatch:
@@ -116,15 +142,20 @@ class _TaskWatch:
         return False
 
 
+def _when(stamp: Any) -> datetime:
+    """A Glance timestamp (ISO 8601, UTC, with or without its zone); the epoch when it cannot be read."""
+    try:
+        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.fromtimestamp(0, UTC)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def _age(task: dict[str, Any]) -> float:
     """Seconds since the task's last update, by our clock (a skewed clock only makes a request come early: 409)."""
-    try:
-        updated = datetime.fromisoformat(str(task.get("updated_at")).replace("Z", "+00:00"))
-    except ValueError:
+    if _when(task.get("updated_at")) == datetime.fromtimestamp(0, UTC):
         return 0.0
-    if updated.tzinfo is None:
-        updated = updated.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - updated).total_seconds()
+    return (datetime.now(UTC) - _when(task.get("updated_at"))).total_seconds()
 
 
 def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
@@ -142,6 +173,13 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
             expired.add(lock)
             _post_copy(ctx, row)  # Glance breaks the expired lock and starts a new task
         elif lock is None:
+            if ctx.to_store in stores and _proving_task(ctx, row) == "":
+                # Glance shows its tasks, and none of this run wrote the copy that appeared: not ours, not trusted
+                log.warning(
+                    "%s: a copy in %s that no copy task wrote appeared; copying again", row.image_id, ctx.to_store
+                )
+                remove_unproven_copy(ctx, row, image, refresh=lambda: _unlocked(ctx, row))
+                stores = set()  # and ask again below, as for a copy that vanished
             if ctx.to_store in stores:
                 computed = check_unchanged(row, image, "after copy")
                 return StepResult(
@@ -193,40 +231,11 @@ def _unlocked(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
 
 
 def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = _unlocked(ctx, row)
-    if ctx.from_store not in image_stores(image):
-        check_unchanged(row, image, "before removing the old copy")
-        if ctx.to_store not in image_stores(image):
-            raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {image.get('stores')})")
-        return left_old_store(ctx, row, f"already gone from store {ctx.from_store}")
-    # Glance deletes one location per call (the first in that store): an image can list several there.
-    for _ in range(MAX_OLD_LOCATIONS):
-        # The one irreversible step: only with the copy in the target store and the hashes as recorded.
-        check_unchanged(row, image, "before removing the old copy")
-        if ctx.to_store not in image_stores(image):
-            raise ImageFailure(
-                f"refusing to delete from {ctx.from_store}: {ctx.to_store} no longer lists the image "
-                f"(stores: {image.get('stores')})"
-            )
-        guard(ctx.shared, image)  # Glance deletes that data whoever else lists it
-        try:
-            ctx.glance.delete_from_store(row.image_id, ctx.from_store)
-        except GlanceHTTPError as e:
-            if ctx.from_store not in image_stores(_current(ctx, row)):
-                break  # our earlier delete landed
-            if e.status == 409:  # e.g. an RBD snapshot with clone children (instances, volumes) in the old store
-                raise ImageBlocked(
-                    f"Glance will not delete the copy in {ctx.from_store} yet: {e}. Both copies are intact. "
-                    "If the old store is Ceph, images cloned from this one (Nova/Cinder `rbd clone`) hold it: "
-                    "flatten or remove them, then `glance-migrator retry`"
-                ) from e
-            raise ImageFailure(f"Glance refused to delete the copy in {ctx.from_store}: {e}", kind="refused") from e
-        image = _unlocked(ctx, row)
-        if ctx.from_store not in image_stores(image):
-            break
-    else:
-        raise ImageFailure(f"still listed in {ctx.from_store} after {MAX_OLD_LOCATIONS} store deletes")
-    return left_old_store(ctx, row, f"deleted from store {ctx.from_store}")
+    image = _unlocked(ctx, row)  # a store delete must never race an import: Glance does not lock it
+    stores = image_stores(image)
+    if ctx.from_store not in stores and ctx.to_store not in stores:
+        raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
+    return StepResult(remove_old_data(ctx, row, image, refresh=lambda: _unlocked(ctx, row)))
 
 
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:

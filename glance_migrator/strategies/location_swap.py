@@ -18,13 +18,14 @@ from typing import Any, Final, TypeVar
 
 import requests
 
-from glance_migrator.errors import CloudError, ImageBlocked, ImageFailure, IntegrityFailure
+from glance_migrator.deletion import discard_copy, drop_leftover_copies, remove_old_data
+from glance_migrator.errors import CloudError, ImageFailure, IntegrityFailure
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import COPY_OF_PROPERTY, guard
+from glance_migrator.sharing import COPY_OF_PROPERTY
 from glance_migrator.spool import HashingReader, Spool
 from glance_migrator.state import State
-from glance_migrator.strategies import Step, StepContext, StepResult, current_image, left_old_store
+from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import DataHasher, check_unchanged, differences, fingerprint, hash_file, recorded
 
 UPLOAD_ATTEMPTS: Final = 3
@@ -102,10 +103,7 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
     for copy in copies:
         if _usable_copy(ctx, row, copy):
             return StepResult(f"copy {copy['id']} already in {ctx.to_store}, verified", {"copy_image_id": copy["id"]})
-    for copy in copies:  # leftovers of an upload that died: ours, unprotected, sharing nothing with the image
-        urls = {loc["url"] for loc in copy.get("locations") or []}
-        if not copy.get("protected") and not urls & shared_urls:
-            ctx.glance.delete_image(copy["id"])
+    drop_leftover_copies(ctx, row, copies, shared_urls)  # of an upload that died before its copy was recorded
     again = _spool_again(ctx, row, source)
     last_error: Exception | None = None
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
@@ -114,7 +112,7 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             streamed = _upload(ctx, row, copy["id"])
         except (GlanceUnavailable, requests.RequestException, OSError) as e:  # broke mid-body: cannot be resent
             last_error = e
-            ctx.glance.delete_image(copy["id"])
+            discard_copy(ctx, copy["id"])
             if attempt < UPLOAD_ATTEMPTS:
                 log.warning(
                     "the upload of the copy %s broke (%s); copy deleted, starting again (%d/%d)",
@@ -126,11 +124,11 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             ctx.sleep(ctx.poll_interval)
             continue
         except GlanceHTTPError as e:
-            ctx.glance.delete_image(copy["id"])
+            discard_copy(ctx, copy["id"])
             raise ImageFailure(f"Glance refused the upload of the copy to {ctx.to_store}: {e}", kind="refused") from e
         uploaded = current_image(ctx, copy["id"], "the copy")
         if ctx.legacy and ctx.to_store not in stores_holding(uploaded, legacy=True):
-            ctx.glance.delete_image(copy["id"])  # the upload went to Glance's default_store, not the target
+            discard_copy(ctx, copy["id"])  # the upload went to Glance's default_store, not the target
             raise CloudError(
                 f"this single-store Glance wrote the copy to {sorted(stores_holding(uploaded, legacy=True))}, "
                 f"not {ctx.to_store}: set [glance_store] default_store to the {ctx.to_store} backend, keep "
@@ -140,10 +138,10 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             try:
                 streamed.check(row, "the data streamed from the image")
             except IntegrityFailure:
-                ctx.glance.delete_image(copy["id"])
+                discard_copy(ctx, copy["id"])
                 raise
         if not _usable_copy(ctx, row, uploaded):
-            ctx.glance.delete_image(copy["id"])
+            discard_copy(ctx, copy["id"])
             # The spool file was verified when written; if it fed these bytes it changed since: never reuse it.
             dropped = ctx.spool is not None and ctx.spool.remove(row.image_id)
             raise IntegrityFailure(
@@ -246,41 +244,9 @@ def set_location(ctx: StepContext, row: ImageRow) -> StepResult:
 def delete_old_location(ctx: StepContext, row: ImageRow) -> StepResult:
     copy_location = _copy_location(ctx, _copy(ctx, row))  # B intact, hashes as recorded
     image = current_image(ctx, row.image_id)
-    check_unchanged(row, image, "before removing the old location")
-    locations = _locations(image)
-    if not any(loc["url"] == copy_location["url"] for loc in locations):
-        raise ImageFailure(f"refusing to remove the old location: the image does not list the one in {ctx.to_store}")
-    old = _in_store(ctx, locations, ctx.from_store)
-    if not old:
-        return left_old_store(ctx, row, f"no location left in {ctx.from_store}")
-    guard(ctx.shared, image)  # Glance deletes that data: is it only ours?
-    for index in reversed(old):  # highest index first, so the others keep their index
-        try:  # not retried blindly: a 500 here is how Glance says an RBD clone child holds the data
-            ctx.glance.patch(row.image_id, [{"op": "remove", "path": f"/locations/{index}"}], retry=False)
-        except (GlanceHTTPError, GlanceUnavailable) as e:
-            _old_location_refused(ctx, row, e)
-    after = _locations(current_image(ctx, row.image_id))
-    if _in_store(ctx, after, ctx.from_store) or not _in_store(ctx, after, ctx.to_store):
-        stores = [location_store(x, ctx.legacy) for x in after]
-        raise ImageFailure(f"after removing the old location the image lists locations in {stores}")
-    return left_old_store(ctx, row, f"location in {ctx.from_store} removed (Glance deleted its data)")
-
-
-def _old_location_refused(ctx: StepContext, row: ImageRow, error: Exception) -> None:
-    """Glance did not remove the old location: was it removed after all, or is the image blocked?"""
-    still = _in_store(ctx, _locations(current_image(ctx, row.image_id)), ctx.from_store)
-    if not still:
-        return  # it went through; only the answer was lost
-    http = error if isinstance(error, GlanceHTTPError) else error.__cause__
-    if not isinstance(http, GlanceHTTPError):
-        raise error  # connection trouble, not a refusal: the run stops, resumable, nothing changed
-    if http.status not in (409, 500):
-        raise ImageFailure(f"Glance refused to remove the location in {ctx.from_store}: {http}", kind="refused")
-    raise ImageBlocked(
-        f"Glance will not remove the location in {ctx.from_store} ({error}). The image still has both "
-        f"locations and its copy {row.copy_image_id} is intact. If the old store is Ceph, images cloned from "
-        "this one (Nova/Cinder `rbd clone`) hold it: flatten or remove them, then `glance-migrator retry`"
-    )
+    _locations(image)  # shown, or this step cannot tell which location is which
+    refresh = lambda: current_image(ctx, row.image_id)  # noqa: E731 - the image as Glance shows it now
+    return StepResult(remove_old_data(ctx, row, image, refresh, copy_url=copy_location["url"]))
 
 
 def protect(ctx: StepContext, row: ImageRow) -> StepResult:
@@ -319,38 +285,6 @@ def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
     hasher = _transfer(ctx, "the final download", fetch)
     hasher.check(row, f"final download from {ctx.to_store}")
     return StepResult(f"served from {ctx.to_store}, {hasher.size} bytes, hashes match", {"after_stores": ctx.to_store})
-
-
-def tidy_after_gone(ctx: StepContext, row: ImageRow) -> str:
-    """Someone deleted the image mid-migration: remove its copies B and its spool file, which nothing else uses.
-
-    Only once Glance says the image itself is gone (a step fails as "gone" also when B vanished). Before the
-    location swap B's data is B's alone; after it Glance deleted that shared data object with the image (it
-    deletes every location's data), so B would stay hidden and protected forever, `active` and serving nothing.
-    Only images naming this one in COPY_OF_PROPERTY are touched. Repeated after a crash, it finds less to do.
-    """
-    if ctx.glance.get_image(row.image_id) is not None:
-        return ""
-    copies = {copy["id"]: copy for copy in ctx.glance.find_copies(COPY_OF_PROPERTY, row.image_id)}
-    if row.copy_image_id and row.copy_image_id not in copies:
-        recorded = ctx.glance.get_image(row.copy_image_id)
-        if recorded is not None:
-            copies[row.copy_image_id] = recorded
-    notes = []
-    for copy_id, copy in copies.items():
-        if copy.get(COPY_OF_PROPERTY) != row.image_id:
-            continue  # not a copy of this image: never ours to delete
-        try:
-            if copy.get("protected"):
-                ctx.glance.patch(copy_id, [{"op": "replace", "path": "/protected", "value": False}])
-            ctx.glance.delete_image(copy_id)
-            notes.append(f"removed its copy {copy_id}")
-        except GlanceHTTPError as e:
-            if e.status != 404:  # 404: gone meanwhile, which is what we wanted
-                notes.append(f"could not remove its copy {copy_id} ({e}): delete it by hand")
-    if ctx.spool is not None and ctx.spool.remove(row.image_id):
-        notes.append("removed its spool file")
-    return "; ".join(notes)
 
 
 STEPS: dict[State, Step] = {
