@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from glance_migrator.errors import CloudError, MigratorError, UsageError
 from glance_migrator.glance import ADMIN_ROLES, LEGACY_SCHEMES, Glance, StoreInfo
 from glance_migrator.state import Strategy
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -21,6 +24,7 @@ class Finding:
     ok: bool
     detail: str
     error: type[MigratorError] = CloudError  # what preflight raises when not ok
+    blocking: bool = True  # False: a doubt `check` reports, but a run goes ahead and lets Glance decide
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class CloudProfile:
     locations_visible: bool | None  # None: no image to look at
     roles: frozenset[str]
     locations_api: bool | None = None  # GET /v2/images/{id}/locations answers us (None: not asked)
+    usage: dict[str, dict[str, int]] | None = None  # Keystone unified limits ({}: not enforced; None: unknown)
 
     @classmethod
     def read(cls, glance: Glance) -> CloudProfile:
@@ -41,6 +46,7 @@ class CloudProfile:
             locations_visible=visible,
             roles=frozenset(glance.roles()),
             locations_api=None if sample is None or visible else glance.image_locations(sample["id"]) is not None,
+            usage=glance.usage(),
         )
 
     @property
@@ -142,7 +148,9 @@ def assess(
                 "credentials",
                 False,
                 f"the credentials have roles {sorted(profile.roles)}, not admin: Glance's default policy lets "
-                "only admins copy images between stores and delete from a store",
+                "only admins copy images between stores and delete from a store. If this cloud's policy grants "
+                "those rights to one of these roles, a run goes ahead (it stops at Glance's first refusal)",
+                blocking=False,
             )
         )
     return problems
@@ -153,7 +161,9 @@ def preflight(
 ) -> None:
     """Refuse, before anything changes, a run that cannot work on this cloud."""
     for problem in assess(profile, from_store, to_store, strategy, accept_unseen_sharing):
-        raise problem.error(problem.detail)
+        if problem.blocking:
+            raise problem.error(problem.detail)
+        log.warning("%s", problem.detail)
 
 
 def report(profile: CloudProfile, from_store: str | None, to_store: str | None, spool_dir: Path) -> list[Finding]:
@@ -192,7 +202,9 @@ def report(profile: CloudProfile, from_store: str | None, to_store: str | None, 
             "credentials",
             not profile.roles or bool(profile.roles & ADMIN_ROLES),
             f"roles {', '.join(sorted(profile.roles)) or 'unknown'}",
+            blocking=False,
         ),
+        _quota_finding(profile.usage),
     ]
     free = shutil.disk_usage(_existing_parent(spool_dir)).free
     findings.append(
@@ -216,3 +228,17 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def _quota_finding(usage: dict[str, dict[str, int]] | None) -> Finding:
+    if usage is None:
+        return Finding("quota", True, "unknown (this Glance has no GET /v2/info/usage)")
+    if not usage:
+        return Finding("quota", True, "Glance enforces no Keystone unified limits on images")
+    shown = ", ".join(f"{name} {u.get('usage')}/{u.get('limit')}" for name, u in sorted(usage.items()))
+    return Finding(
+        "quota",
+        True,
+        f"Keystone unified limits are on (this project: {shown}): location-swap's copies count against them "
+        "(and copy-image's staging); an image refused for quota fails with kind `quota`",
+    )

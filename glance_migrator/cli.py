@@ -17,7 +17,7 @@ import typer
 
 from glance_migrator import __version__, commands, render
 from glance_migrator.discovery import Filters, Order
-from glance_migrator.errors import Aborted, MigratorError, UsageError
+from glance_migrator.errors import EXIT_OK, Aborted, MigratorError, UsageError
 from glance_migrator.glance import READ_TIMEOUT, Glance, RedactingFilter
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
@@ -199,6 +199,14 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only say what would happen to each image; change nothing.")
     ] = False,
+    inspect_formats: Annotated[
+        bool,
+        typer.Option(
+            "--inspect-formats",
+            help="With --dry-run: read the first MiB of each image to migrate and name those whose data Glance's "
+            "format check (Glance 30 and later) would refuse.",
+        ),
+    ] = False,
     workers: WorkersOption = 1,
     stuck_after: StuckAfterOption = STUCK_AFTER,
     accept_unseen_sharing: AcceptUnseenSharingOption = False,
@@ -221,6 +229,8 @@ def run(
         limit=limit,
         order=order,
     )
+    if inspect_formats and not dry_run:
+        raise UsageError("--inspect-formats goes with --dry-run (a run learns Glance's answer from Glance)")
     if dry_run:
         if resume:
             raise UsageError("--dry-run plans a new run; it cannot be combined with --resume")
@@ -232,6 +242,7 @@ def run(
             strategy=chosen,
             filters=filters,
             accept_unseen_sharing=accept_unseen_sharing,
+            inspect_formats=inspect_formats,
         )
         render.print_plan(the_plan)
         return
@@ -361,6 +372,8 @@ def retry(
         accept_unseen_sharing=accept_unseen_sharing,
     )
     render.print_status(rep)
+    if queue_only:  # re-queued, nothing run: the run is unfinished on purpose, not interrupted
+        raise typer.Exit(EXIT_OK)
     raise typer.Exit(render.exit_code(rep))
 
 

@@ -12,6 +12,7 @@ from glance_migrator.checks import CloudProfile, Finding, choose_strategy, prefl
 from glance_migrator.checks import report as cloud_report
 from glance_migrator.discovery import Filters, discover, parse_image_ids
 from glance_migrator.errors import UsageError
+from glance_migrator.formats import head_of, refusal
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.runner import ProgressSink, Runner, graceful_interrupts
@@ -165,12 +166,31 @@ def plan(
     strategy: Strategy | None = None,
     filters: Filters = NO_FILTERS,
     accept_unseen_sharing: bool = False,
+    inspect_formats: bool = False,
 ) -> Plan:
-    """`run --dry-run`: discover and classify exactly as a run would; change nothing, in Glance or the DB."""
+    """`run --dry-run`: discover and classify exactly as a run would; change nothing, in Glance or the DB.
+    `inspect_formats`: read the first MiB of each image to migrate and say which ones Glance's format check
+    (Glance 30 and later) would refuse (formats.py)."""
     if not from_store or not to_store:
         raise UsageError("--from-store and --to-store are required to plan a run")
     ids = parse_image_ids(image_ids)
-    return _plan(connect(), from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
+    glance = connect()
+    the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
+    if inspect_formats:
+        the_plan.rows = [
+            (row, _format_doubt(glance, row) or reason) if row.state == State.PENDING else (row, reason)
+            for row, reason in the_plan.rows
+        ]
+    return the_plan
+
+
+def _format_doubt(glance: Glance, row: ImageRow) -> str | None:
+    image = glance.get_image(row.image_id)
+    if image is None or image.get("container_format") != "bare":
+        return None
+    with glance.download(row.image_id) as chunks:
+        found = refusal(image, head_of(chunks))
+    return f"Glance 30 and later would refuse its data: {found}" if found else None
 
 
 def _plan(

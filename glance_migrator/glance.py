@@ -51,6 +51,12 @@ class GlanceHTTPError(Exception):
         self.status = status
         self.detail = detail
 
+    @property
+    def policy_refusal(self) -> bool:
+        """Glance's policy refuses the caller this kind of request (403 "not authorized"), for every image alike;
+        other 403s are about one image ("only store containing it", a protected image...)."""
+        return self.status == 403 and "not authorized" in self.detail.lower()
+
 
 class TransientHTTPError(GlanceHTTPError):
     """429 or 5xx: worth another try."""
@@ -329,6 +335,17 @@ class Glance:
                 for s in body.get("stores", [])
             ]
         return None
+
+    def usage(self) -> dict[str, dict[str, int]] | None:
+        """The project's image quotas under Keystone unified limits (`GET /v2/info/usage`): {resource: {"usage",
+        "limit"}}; {} when Glance does not enforce them (use_keystone_limits = False); None on a Glance without
+        the call."""
+        try:
+            return dict(self._call("GET", "/info/usage").json().get("usage") or {})
+        except GlanceHTTPError as e:
+            if e.status in (403, 404):
+                return None
+            raise
 
     def import_methods(self) -> list[str]:
         try:

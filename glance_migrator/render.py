@@ -118,11 +118,13 @@ class LiveProgress:
 
 def print_findings(findings: list[Finding]) -> None:
     for f in findings:
-        print(f"{'ok ' if f.ok else 'NO '} {f.topic}: {f.detail}")
+        mark = "ok " if f.ok else "NO " if f.blocking else "?? "
+        print(f"{mark} {f.topic}: {f.detail}")
 
 
 def findings_exit_code(findings: list[Finding]) -> int:
-    return next((f.error.exit_code for f in findings if not f.ok), EXIT_OK)
+    """The exit code of the first blocking problem (a doubt, ??, does not fail `check`)."""
+    return next((f.error.exit_code for f in findings if not f.ok and f.blocking), EXIT_OK)
 
 
 class Format(StrEnum):

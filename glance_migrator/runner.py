@@ -16,7 +16,15 @@ from types import FrameType
 from typing import Final, Protocol
 
 from glance_migrator.deletion import drop_copies_of_gone_image
-from glance_migrator.errors import Aborted, ImageBlocked, ImageFailure, ImageSkipped, InternalError, MigratorError
+from glance_migrator.errors import (
+    Aborted,
+    CloudError,
+    ImageBlocked,
+    ImageFailure,
+    ImageSkipped,
+    InternalError,
+    MigratorError,
+)
 from glance_migrator.glance import Glance, GlanceHTTPError, GlanceUnavailable
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.sharing import SHARED, SharedData
@@ -28,6 +36,11 @@ from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, st
 log = logging.getLogger(__name__)
 
 WAIT_FOR_OTHERS: Final = 2.0  # seconds between looks when another runner holds the remaining images
+QUOTA_HINT: Final = (
+    "The image quota (Keystone unified limits) is exhausted: location-swap's copies and copy-image's staging "
+    "count against the migrating project's limits (`glance-migrator check` shows them); raise them for the "
+    "migration, then `glance-migrator retry`"
+)
 IMAGE_ATTEMPTS: Final = 2  # times a step that Glance keeps failing (for this image only) is tried before it fails
 
 
@@ -197,6 +210,15 @@ class Runner:
                 kind = e.kind if isinstance(e, ImageFailure) else "glance"
                 outcome = State.BLOCKED if isinstance(e, ImageBlocked) else State.FAILED
                 error = str(e)
+                http = e if isinstance(e, GlanceHTTPError) else e.__cause__
+                if isinstance(http, GlanceHTTPError) and http.policy_refusal:  # the same for every image
+                    raise CloudError(
+                        f"Glance's policy refuses these credentials what the run needs ({http}); use credentials "
+                        "with the rights `glance-migrator check` lists (admin by Glance's default policy), then "
+                        "`glance-migrator run --resume`"
+                    ) from e
+                if isinstance(http, GlanceHTTPError) and http.status == 413:
+                    kind, error = "quota", f"{error}. {QUOTA_HINT}"
                 if kind == "gone":  # before recording: a crash in between tidies again
                     error = "; ".join(filter(None, [error, _tidy(ctx, row)]))
                 self._record(row, outcome, error, error=error, error_kind=kind)

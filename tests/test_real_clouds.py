@@ -20,6 +20,7 @@ from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
 from tests.corpus import (
     add_location,
     drop_multihash,
+    format_mismatch_image,
     glance_db,
     make_twin,
     set_multihash,
@@ -242,3 +243,61 @@ def test_location_swap_removes_an_unproven_location_in_the_target_store(cloud: C
     assert stores_of(cloud.conn, seeded.id) == {"old", "s3"}
     cloud.run([_as_now(cloud.conn, seeded)], "--to-store", "s3", "--strategy", "location-swap")
     assert not any(name.endswith(key) for name in cloud.lab.s3_objects()), "the unproven copy is still there"
+
+
+@pytest.mark.parametrize(("strategy", "to_store"), [("copy-image", "new"), ("location-swap", "s3")])
+def test_data_that_does_not_match_its_disk_format_fails_as_format(cloud: Cloud, strategy: str, to_store: str) -> None:
+    """An image uploaded before Glance checked formats (disk_format qcow2, raw bytes): the plan finds it with
+    --inspect-formats, and the run fails it with kind `format` and Glance's reason (copy-image's task says only
+    "Internal Error"; location-swap's upload gets 415), never as corrupt; the other image moves."""
+    mismatched = format_mismatch_image(cloud.lab, cloud.conn, f"format-mismatch-{strategy}")
+    plain = seed_image(cloud.conn, f"format-plain-{strategy}", os.urandom(4096))
+    args = ["--from-store", "old", "--to-store", to_store, "--strategy", strategy]
+    plan = cloud.cli("run", "--dry-run", "--inspect-formats", *args, "--image", mismatched.id, "--image", plain.id,
+                     rc=EXIT_OK)  # fmt: skip
+    (doubt,) = [line for line in plan.stdout.splitlines() if "would refuse its data" in line]
+    assert mismatched.id in doubt and "does not match stream data raw" in doubt, plan.stdout
+    db = cloud.run([mismatched, plain], "--to-store", to_store, "--strategy", strategy, rc=EXIT_PARTIAL,
+                   expect={mismatched.id: "failed"})  # fmt: skip
+    (row,) = [row for row in status_json(db, cloud.env)["images"] if row["id"] == mismatched.id]
+    assert row["error_kind"] == "format" and "does not match stream data raw" in row["error"], row
+
+
+@pytest.mark.parametrize(("strategy", "to_store"), [("copy-image", "new"), ("location-swap", "s3")])
+def test_a_mixed_corpus_ends_on_its_own_and_loses_nothing(cloud: Cloud, strategy: str, to_store: str) -> None:
+    """One run over images of every era and state together: md5 only, a sha256 multihash, 0 bytes, two
+    locations in the old store, two images on one data object (both in the run), a hand-added unproven copy in
+    the target store, data that fails Glance's format check, and plain ones. It ends without a fatal stop; each
+    image is moved or fails with a reason (kind `format` for the mismatch only); a resume loop ends at once."""
+    prefix = f"mixed-{strategy}"
+    corpus = _old_hash_corpus(cloud.lab, cloud.conn, prefix)
+    two = seed_image(cloud.conn, f"{prefix}-two-locations", os.urandom(MiB // 4))
+    second = cloud.lab.store_dir("old") / f"{two.id}.second"
+    shutil.copyfile(cloud.lab.store_dir("old") / two.id, second)
+    add_location(cloud.lab, two.id, f"file://{second}", "old")
+    original = seed_image(cloud.conn, f"{prefix}-shared", os.urandom(MiB // 4))
+    twin_id = make_twin(cloud.lab, original.id, f"{prefix}-shared-twin")
+    twin = _as_now(cloud.conn, Seeded(twin_id, original.data, {}, []))
+    unproven = seed_image(cloud.conn, f"{prefix}-unproven-target", os.urandom(MiB // 4))
+    if to_store == "new":
+        hand_added = cloud.lab.store_dir("new") / f"{unproven.id}.hand-added"
+        hand_added.write_bytes(os.urandom(len(unproven.data)))
+        add_location(cloud.lab, unproven.id, f"file://{hand_added}", "new")
+    else:
+        key = f"{unproven.id}.hand-added"
+        cloud.lab.s3_put(key, os.urandom(len(unproven.data)))
+        add_location(cloud.lab, unproven.id, f"s3://{cloud.lab.s3_url.removeprefix('http://')}/{S3_BUCKET}/{key}", "s3")
+    mismatched = format_mismatch_image(cloud.lab, cloud.conn, f"{prefix}-format")
+    images = [
+        *corpus.values(),
+        *(_as_now(cloud.conn, s) for s in (two, original, unproven, mismatched)),
+        twin,
+        *(seed_image(cloud.conn, f"{prefix}-plain-{i}", os.urandom(1000 * (i + 1))) for i in range(3)),
+    ]
+    db = cloud.run(images, "--to-store", to_store, "--strategy", strategy, "--workers", "3", rc=EXIT_PARTIAL,
+                   expect={mismatched.id: "failed"})  # fmt: skip
+    rows = {row["id"]: row for row in status_json(db, cloud.env)["images"]}
+    assert [row["error_kind"] for row in rows.values() if row["state"] != "done"] == ["format"], rows
+    # A retry loop (`until glance-migrator run --resume; do sleep 60; done`) ends at once: nothing left to move.
+    resumed = cloud.cli("run", "--resume", "--db", str(db), rc=EXIT_OK)
+    assert "1 failed or blocked image(s) wait for" in resumed.stderr

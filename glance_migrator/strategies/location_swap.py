@@ -20,6 +20,7 @@ import requests
 
 from glance_migrator.deletion import discard_copy, drop_leftover_copies, remove_old_data
 from glance_migrator.errors import CloudError, ImageFailure, IntegrityFailure
+from glance_migrator.formats import ADVICE, FORMAT, HEAD, head_of, refusal
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.sharing import COPY_OF_PROPERTY
@@ -125,6 +126,13 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
             continue
         except GlanceHTTPError as e:
             discard_copy(ctx, copy["id"])
+            if e.status == 415:  # Glance 30 on: the data is not what disk_format says, or fails a safety check
+                found = refusal(source, _head(ctx, row))
+                raise ImageFailure(
+                    f"Glance refused the copy's data ({e}){f': {found}' if found else ''}; the image is intact in "
+                    f"{ctx.from_store}; {ADVICE}",
+                    kind=FORMAT,
+                ) from e
             raise ImageFailure(f"Glance refused the upload of the copy to {ctx.to_store}: {e}", kind="refused") from e
         uploaded = current_image(ctx, copy["id"], "the copy")
         if ctx.legacy and ctx.to_store not in stores_holding(uploaded, legacy=True):
@@ -164,6 +172,15 @@ def _spool_again(ctx: StepContext, row: ImageRow, source: dict[str, Any]) -> str
     log.warning("%s: spool file %s is missing; downloading the image again", row.image_id, ctx.spool.path(row.image_id))
     check_unchanged(row, source, "before downloading again")
     return f" (spool file was missing: {_spool_file(ctx, ctx.spool, row)})"
+
+
+def _head(ctx: StepContext, row: ImageRow) -> bytes:
+    """The first MiB of the image's data: from the spool file, or downloaded."""
+    if ctx.spool is not None and ctx.spool.path(row.image_id).exists():
+        with ctx.spool.path(row.image_id).open("rb") as f:
+            return f.read(HEAD)
+    with ctx.glance.download(row.image_id) as chunks:
+        return head_of(chunks)
 
 
 def _create_copy_record(ctx: StepContext, row: ImageRow, source: dict[str, Any]) -> dict[str, Any]:
