@@ -198,11 +198,9 @@ def report(profile: CloudProfile, from_store: str | None, to_store: str | None, 
                 None: "unknown: no image to look at",
             }[profile.locations_visible],
         ),
-        Finding(
-            "credentials",
-            not profile.roles or bool(profile.roles & ADMIN_ROLES),
-            f"roles {', '.join(sorted(profile.roles)) or 'unknown'}",
-            blocking=False,
+        *(
+            [p for p in assess(profile, "", "", Strategy.COPY_IMAGE) if p.topic == "credentials"]
+            or [Finding("credentials", True, f"roles {', '.join(sorted(profile.roles)) or 'unknown'}")]
         ),
         _quota_finding(profile.usage),
     ]
@@ -212,11 +210,11 @@ def report(profile: CloudProfile, from_store: str | None, to_store: str | None, 
     )
     if from_store and to_store:
         strategy, why = choose_strategy(profile, from_store)
-        problems = assess(profile, from_store, to_store, strategy)
+        problems = [p for p in assess(profile, from_store, to_store, strategy) if p.blocking]  # doubts: above
         findings += problems or [Finding("run --strategy auto", True, f"would use {strategy}, because {why}")]
         for other in Strategy:
             if other != strategy:
-                blockers = assess(profile, from_store, to_store, other)
+                blockers = [p for p in assess(profile, from_store, to_store, other) if p.blocking]
                 detail = (
                     "would work too" if not blockers else "would not work: " + "; ".join(b.detail for b in blockers)
                 )
