@@ -309,7 +309,7 @@ def test_check_fails_for_an_unknown_store_and_doubts_a_member(env: dict[str, str
     # Roles are not judged by name (a policy may grant the rights to another role): a doubt, not a failure.
     proc = cli("check", "--from-store", "old", "--to-store", "new", "--os-cloud", "lab-demo", env=env)
     assert proc.returncode == EXIT_OK and "??  credentials: the credentials have roles" in proc.stdout, proc.stdout
-    assert proc.stdout.count("credentials") == 1 and "run --strategy auto: would use copy-image" in proc.stdout
+    assert proc.stdout.count(" credentials: ") == 1 and "run --strategy auto: would use copy-image" in proc.stdout
 
 
 def test_status_formats_report_and_log_file(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
