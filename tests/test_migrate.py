@@ -455,12 +455,15 @@ def test_crash_loop_random_kills_until_done(
     db, log = tmp_path / "state.db", tmp_path / "runner.log"
     start = ["--from-store", "old", "--to-store", "new", *[a for s in images for a in ("--image", s.id)]]
     kills, rc = 0, None
+    started_at = time.monotonic()
+    cli("--version", env=env, check_rc=EXIT_OK)
+    slow = max(1.0, (time.monotonic() - started_at) / 0.7)  # the kill moments scale with this machine's start-up
     for _ in range(40):
         started = event_count(db) > 0 or _has_run(db)  # a kill during discovery leaves no run: start again
         proc = cli_popen("run", *(["--resume"] if started else start), "--db", str(db), "--workers", "3",
                          env=env, log=log)  # fmt: skip
         try:
-            rc = proc.wait(timeout=rng.uniform(0.4, 1.6))  # start-up alone takes ~0.7 s
+            rc = proc.wait(timeout=rng.uniform(0.4, 1.6) * slow)  # start-up alone takes ~0.7 s on an idle machine
             break  # finished before this kill
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
