@@ -162,9 +162,9 @@ def _whole(conn: Connection, seeded: Seeded, *, corrupted: bool) -> bool:
 
 def _active_without_data(conn: Connection, exempt: Collection[str]) -> list[str]:
     """Every active image in Glance (hidden ones too, any owner, not only the scenario's) that has no location
-    left, or whose data is gone: Glance answers its download with 204, or with an error. The first byte of each
-    is read (8 at a time: the lab holds hundreds of images by the end of the suite), so that collateral damage
-    (another image's data deleted) is seen in every check."""
+    left, or whose data is gone: Glance answers its download with 204, or with an error. Files of file stores are
+    looked at directly; of the others the first byte is read (8 at a time: the lab holds hundreds of images by the
+    end of the suite), so that collateral damage (another image's data deleted) is seen in every check."""
     found, readable = [], []
     for hidden in ("false", "true"):
         marker = ""
@@ -176,7 +176,7 @@ def _active_without_data(conn: Connection, exempt: Collection[str]) -> list[str]
                     continue
                 if not image.get("stores") and not image.get("locations"):
                     found.append(image["id"])
-                elif image.get("size"):
+                elif image.get("size") and not _on_disk(image):
                     readable.append(image["id"])
             if len(images) < 200:
                 break
@@ -186,6 +186,13 @@ def _active_without_data(conn: Connection, exempt: Collection[str]) -> list[str]
             if status != 200 or len(first) != 1:
                 found.append(f"{image_id} (download: HTTP {status}, {len(first)} byte(s))")
     return found
+
+
+def _on_disk(image: dict[str, Any]) -> bool:
+    """The image's data is all in file stores, and every file is there (a stat instead of a download: the lab's
+    file stores hold most of its images)."""
+    urls = [str(loc.get("url", "")) for loc in image.get("locations") or []]
+    return bool(urls) and all(u.startswith("file://") and Path(u.removeprefix("file://")).is_file() for u in urls)
 
 
 def _first_byte(conn: Connection, image_id: str) -> tuple[int, bytes]:
