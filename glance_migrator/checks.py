@@ -34,7 +34,6 @@ class CloudProfile:
     locations_visible: bool | None  # None: no image to look at
     roles: frozenset[str]
     locations_api: bool | None = None  # GET /v2/images/{id}/locations answers us (None: not asked)
-    usage: dict[str, dict[str, int]] | None = None  # Keystone unified limits ({}: not enforced; None: unknown)
 
     @classmethod
     def read(cls, glance: Glance) -> CloudProfile:
@@ -46,7 +45,6 @@ class CloudProfile:
             locations_visible=visible,
             roles=frozenset(glance.roles()),
             locations_api=None if sample is None or visible else glance.image_locations(sample["id"]) is not None,
-            usage=glance.usage(),
         )
 
     @property
@@ -142,18 +140,24 @@ def assess(
                 "on the glance-api it uses, or accept the risk with --accept-unseen-sharing",
             )
         )
-    if profile.roles and not profile.roles & ADMIN_ROLES:
-        problems.append(
-            Finding(
-                "credentials",
-                False,
-                f"the credentials have roles {sorted(profile.roles)}, not admin: Glance's default policy lets "
-                "only admins copy images between stores and delete from a store. If this cloud's policy grants "
-                "those rights to one of these roles, a run goes ahead (it stops at Glance's first refusal)",
-                blocking=False,
-            )
-        )
+    credentials = _credentials_finding(profile)
+    if not credentials.ok:
+        problems.append(credentials)
     return problems
+
+
+def _credentials_finding(profile: CloudProfile) -> Finding:
+    """Roles are not judged by name (a policy may grant the rights to another role): without admin, a doubt."""
+    if not profile.roles or profile.roles & ADMIN_ROLES:
+        return Finding("credentials", True, f"roles {', '.join(sorted(profile.roles)) or 'unknown'}")
+    return Finding(
+        "credentials",
+        False,
+        f"the credentials have roles {sorted(profile.roles)}, not admin: Glance's default policy lets only admins "
+        "copy images between stores and delete from a store. If this cloud's policy grants those rights to one "
+        "of these roles, a run goes ahead (it stops at Glance's first refusal)",
+        blocking=False,
+    )
 
 
 def preflight(
@@ -166,8 +170,15 @@ def preflight(
         log.warning("%s", problem.detail)
 
 
-def report(profile: CloudProfile, from_store: str | None, to_store: str | None, spool_dir: Path) -> list[Finding]:
-    """The `check` command: what Glance offers, and what `run` would do between the two stores."""
+def report(
+    profile: CloudProfile,
+    from_store: str | None,
+    to_store: str | None,
+    spool_dir: Path,
+    usage: dict[str, dict[str, int]] | None,
+) -> list[Finding]:
+    """The `check` command: what Glance offers, and what `run` would do between the two stores. `usage`: the
+    project's Keystone unified limits (Glance.usage), asked by `check` only."""
     if profile.stores is None:
         stores = Finding(
             "stores",
@@ -198,11 +209,8 @@ def report(profile: CloudProfile, from_store: str | None, to_store: str | None, 
                 None: "unknown: no image to look at",
             }[profile.locations_visible],
         ),
-        *(
-            [p for p in assess(profile, "", "", Strategy.COPY_IMAGE) if p.topic == "credentials"]
-            or [Finding("credentials", True, f"roles {', '.join(sorted(profile.roles)) or 'unknown'}")]
-        ),
-        _quota_finding(profile.usage),
+        _credentials_finding(profile),
+        _quota_finding(usage),
     ]
     free = shutil.disk_usage(_existing_parent(spool_dir)).free
     findings.append(

@@ -228,7 +228,10 @@ def check_cloud(
     connect: GlanceFactory, from_store: str | None, to_store: str | None, spool_dir: Path | None
 ) -> list[Finding]:
     """`check`: what the cloud offers and what a run between the two stores would do; changes nothing."""
-    return cloud_report(CloudProfile.read(connect()), from_store, to_store, spool_dir or default_spool_dir())
+    glance = connect()
+    return cloud_report(
+        CloudProfile.read(glance), from_store, to_store, spool_dir or default_spool_dir(), glance.usage()
+    )
 
 
 def report(db: StateDB, run_id: int | None = None) -> RunReport:
