@@ -229,15 +229,8 @@ def _retire_copies(shared: SharedData, image_id: str, keep: str | None) -> str:
             continue
         if any(location_store(loc, shared.legacy) != shared.from_store for loc in shared.locations(copy) or []):
             continue  # it holds data elsewhere: not the old store's leftover
-        users = [u for u in shared.listing(copy_urls, but=copy["id"]) if _lists(shared, u, copy_urls)]
-        if users:
-            notes.append(f"kept its old copy {copy['id']}: image(s) {', '.join(sorted(users))} use its data")
-            continue
-        notes.append(
-            _delete_copy(
-                shared, copy, f"deleted its old copy {copy['id']} (it shared the data removed from {shared.from_store})"
-            )
-        )
+        done = f"deleted its old copy {copy['id']} (it shared the data removed from {shared.from_store})"
+        notes.append(_delete_unused_copy(shared, copy, done))
     return "; ".join(notes)
 
 
@@ -264,8 +257,9 @@ def drop_leftover_copies(ctx: StepContext, row: ImageRow, copies: list[dict[str,
             ctx.glance.delete_image(copy["id"])
 
 
-def drop_copies_of_gone_image(ctx: StepContext, row: ImageRow) -> str:
-    """Someone deleted the image mid-migration: remove its copies B, which nothing else uses. Says what it did.
+def drop_copies_of_gone_image(ctx: StepContext, row: ImageRow) -> str | None:
+    """Someone deleted the image mid-migration: remove its copies B, which nothing else uses. Says what it did;
+    None when the image is not gone.
 
     Only once Glance says the image itself is gone (a step fails as "gone" also when B vanished). Before the
     location swap B's data is B's alone; after it Glance deleted that shared data object with the image (it
@@ -274,7 +268,7 @@ def drop_copies_of_gone_image(ctx: StepContext, row: ImageRow) -> str:
     Repeated after a crash, it finds less to do.
     """
     if ctx.glance.get_image(row.image_id) is not None:
-        raise AssertionError(f"{row.image_id} still exists: its copies are not leftovers")
+        return None  # a step failed as "gone" because its copy vanished: the image and its copies stay
     copies = {copy["id"]: copy for copy in ctx.glance.find_copies(COPY_OF_PROPERTY, row.image_id)}
     if row.copy_image_id and row.copy_image_id not in copies:
         recorded = ctx.glance.get_image(row.copy_image_id)
@@ -284,17 +278,17 @@ def drop_copies_of_gone_image(ctx: StepContext, row: ImageRow) -> str:
     for copy_id, copy in copies.items():
         if copy.get(COPY_OF_PROPERTY) != row.image_id:
             continue  # not a copy of this image: never ours to delete
-        copy_urls = ctx.shared.urls(copy)
-        users = [u for u in ctx.shared.listing(copy_urls, but=copy_id) if _lists(ctx.shared, u, copy_urls)]
-        if users:
-            notes.append(f"kept its copy {copy_id}: image(s) {', '.join(sorted(users))} use its data")
-            continue
-        notes.append(_delete_copy(ctx.shared, copy, f"removed its copy {copy_id}"))
+        notes.append(_delete_unused_copy(ctx.shared, copy, f"removed its copy {copy_id}"))
     return "; ".join(notes)
 
 
-def _delete_copy(shared: SharedData, copy: dict[str, Any], done: str) -> str:
-    """Unprotect and delete one of the tool's copies; `done` on success (or when it was gone already)."""
+def _delete_unused_copy(shared: SharedData, copy: dict[str, Any], done: str) -> str:
+    """Unprotect and delete one of the tool's copies unless another image lists its data; `done` on success (or
+    when it was gone already), else what stopped it."""
+    copy_urls = shared.urls(copy)
+    users = [u for u in shared.listing(copy_urls, but=copy["id"]) if _lists(shared, u, copy_urls)]
+    if users:
+        return f"kept its copy {copy['id']}: image(s) {', '.join(sorted(users))} use its data"
     try:
         if copy.get("protected"):
             shared.glance.patch(copy["id"], [{"op": "replace", "path": "/protected", "value": False}])

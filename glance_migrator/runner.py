@@ -248,9 +248,10 @@ def _tidy(ctx: StepContext, row: ImageRow) -> str:
     """The image was deleted by someone else (Glance confirms it): remove what the run made for it, its copies
     (deletion.py) and its spool file, which nothing else uses; says what it did."""
     try:
-        if ctx.glance.get_image(row.image_id) is not None:
+        copies = drop_copies_of_gone_image(ctx, row)
+        if copies is None:
             return ""  # a step failed as "gone" because its copy vanished: the image itself is still there
-        notes = [drop_copies_of_gone_image(ctx, row)]
+        notes = [copies]
     except (ImageFailure, GlanceHTTPError) as e:  # (Glance unavailable stops the run: resume tidies again)
         return f"could not remove what the run made for it: {e}"
     if ctx.spool is not None and ctx.spool.remove(row.image_id):
