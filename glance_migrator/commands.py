@@ -12,7 +12,7 @@ from glance_migrator.checks import CloudProfile, Finding, choose_strategy, prefl
 from glance_migrator.checks import report as cloud_report
 from glance_migrator.discovery import Filters, discover, parse_image_ids
 from glance_migrator.errors import UsageError
-from glance_migrator.formats import head_of, refusal
+from glance_migrator.formats import refusal_of
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.runner import ProgressSink, Runner, graceful_interrupts
@@ -186,10 +186,7 @@ def plan(
 
 def _format_doubt(glance: Glance, row: ImageRow) -> str | None:
     image = glance.get_image(row.image_id)
-    if image is None or image.get("container_format") != "bare":
-        return None
-    with glance.download(row.image_id) as chunks:
-        found = refusal(image, head_of(chunks))
+    found = refusal_of(glance, image) if image is not None else None
     return f"Glance 30 and later would refuse its data: {found}" if found else None
 
 

@@ -20,6 +20,8 @@ from typing import Any, Final
 
 from oslo_utils.imageutils import format_inspector
 
+from glance_migrator.glance import Glance, GlanceHTTPError
+
 HEAD: Final = 1 << 20  # bytes of an image's data inspected: every header the inspectors read lies within it
 FORMAT: Final = "format"  # error_kind of an image whose data Glance's format check refuses
 ADVICE: Final = (
@@ -37,6 +39,17 @@ def head_of(chunks: Iterable[bytes]) -> bytes:
         if len(head) >= HEAD:
             break
     return bytes(head[:HEAD])
+
+
+def refusal_of(glance: Glance, image: Mapping[str, Any]) -> str | None:
+    """`refusal` of the image's data as Glance serves it (its first HEAD bytes); None also when it cannot be read."""
+    if image.get("container_format") != "bare":
+        return None  # Glance inspects bare images only: nothing to download
+    try:
+        with glance.download(image["id"]) as chunks:
+            return refusal(image, head_of(chunks))
+    except GlanceHTTPError:
+        return None
 
 
 def refusal(image: Mapping[str, Any], head: bytes) -> str | None:

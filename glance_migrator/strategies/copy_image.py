@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from glance_migrator.deletion import remove_old_data, remove_unproven_copy
 from glance_migrator.errors import ImageFailure, IntegrityFailure
-from glance_migrator.formats import ADVICE, FORMAT, head_of, refusal
+from glance_migrator.formats import ADVICE, FORMAT, refusal_of
 from glance_migrator.glance import (
     GlanceHTTPError,
     failed_import_stores,
@@ -201,7 +201,7 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
                         f"Glance's copy to {ctx.to_store} found data that does not match the image's record "
                         f"({why}); the source copy in {ctx.from_store} is corrupt or changed. Nothing was removed"
                     )
-                refused = _format_refusal(ctx, row, image)
+                refused = refusal_of(ctx.glance, image)
                 if refused:
                     raise ImageFailure(
                         f"Glance's copy to {ctx.to_store} failed (task: {why or 'no message'}) and its format check "
@@ -224,16 +224,6 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
         if time.monotonic() > deadline:
             raise ImageFailure(f"copy to {ctx.to_store} did not finish within {ctx.copy_timeout:.0f} s")
         ctx.sleep(ctx.poll_interval)
-
-
-def _format_refusal(ctx: StepContext, row: ImageRow, image: dict[str, Any]) -> str | None:
-    """Why Glance's format check (Glance 30 on) refuses the image's data, read from its first MiB; None if it
-    would not, or the data cannot be read."""
-    try:
-        with ctx.glance.download(row.image_id) as chunks:
-            return refusal(image, head_of(chunks))
-    except GlanceHTTPError:
-        return None
 
 
 def _unlocked(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
