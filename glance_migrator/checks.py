@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glance_migrator.errors import CloudError, MigratorError, UsageError
-from glance_migrator.glance import ADMIN_ROLES, LEGACY_SCHEMES, Glance, StoreInfo
+from glance_migrator.glance import ADMIN_ROLES, LEGACY_SCHEMES, LOCATIONS_API, Glance, StoreInfo, release_of
+from glance_migrator.sharing import SEE_LOCATIONS
 from glance_migrator.state import Strategy
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class CloudProfile:
     locations_visible: bool | None  # None: no image to look at
     roles: frozenset[str]
     locations_api: bool | None = None  # GET /v2/images/{id}/locations answers us (None: not asked)
+    api_version: tuple[int, int] | None = None  # Glance's newest image API version (None: unknown)
 
     @classmethod
     def read(cls, glance: Glance) -> CloudProfile:
@@ -44,6 +46,7 @@ class CloudProfile:
             import_methods=glance.import_methods(),
             locations_visible=visible,
             roles=frozenset(glance.roles()),
+            api_version=glance.api_version,
             locations_api=None if sample is None or visible else glance.image_locations(sample["id"]) is not None,
         )
 
@@ -135,9 +138,8 @@ def assess(
                 "sharing",
                 False,
                 "Glance hides image locations and refuses GET /v2/images/ID/locations, so whether another image "
-                "shares the data a store delete removes cannot be known: a run would refuse to delete. Give the "
-                "user the service role (Glance 29-31; admin suffices from 32) or show_multiple_locations = True "
-                "on the glance-api it uses, or accept the risk with --accept-unseen-sharing",
+                "shares the data a store delete removes cannot be known: a run would refuse to delete. "
+                f"{SEE_LOCATIONS}, or accept the risk with --accept-unseen-sharing",
             )
         )
     credentials = _credentials_finding(profile)
@@ -176,9 +178,10 @@ def report(
     to_store: str | None,
     spool_dir: Path,
     usage: dict[str, dict[str, int]] | None,
+    service: bool = False,
 ) -> list[Finding]:
     """The `check` command: what Glance offers, and what `run` would do between the two stores. `usage`: the
-    project's Keystone unified limits (Glance.usage), asked by `check` only."""
+    project's Keystone unified limits (Glance.usage), asked by `check` only; `service`: a --service-cloud is given."""
     if profile.stores is None:
         stores = Finding(
             "stores",
@@ -190,7 +193,9 @@ def report(
             f"{s.id} ({s.type or 'type hidden'}{', default' if s.default else ''})" for s in profile.stores
         )
         stores = Finding("stores", True, listed)
+    api = profile.api_version
     findings = [
+        Finding("glance", True, f"image API v{api[0]}.{api[1]} ({release_of(api)})" if api else release_of(api)),
         stores,
         Finding("import methods", True, ", ".join(profile.import_methods) or "none"),
         Finding(
@@ -202,9 +207,16 @@ def report(
                 False: "hidden: location-swap impossible; "
                 + (
                     "images sharing a data object are found through GET /v2/images/ID/locations"
+                    + (" (with the --service-cloud token)" if service else "")
                     if profile.locations_api
-                    else "images sharing a data object cannot be seen: a copy-image run refuses to delete "
-                    "unless --accept-unseen-sharing"
+                    else "images sharing a data object cannot be seen ("
+                    + (
+                        "this Glance has no GET /v2/images/ID/locations, API 2.17"
+                        if api and api < LOCATIONS_API
+                        else "GET /v2/images/ID/locations refused us"
+                    )
+                    + f"): a copy-image run refuses to delete. {SEE_LOCATIONS}, or accept the risk with "
+                    "--accept-unseen-sharing"
                 ),
                 None: "unknown: no image to look at",
             }[profile.locations_visible],

@@ -41,6 +41,16 @@ CloudOption = Annotated[
     str | None,
     typer.Option("--os-cloud", help="Cloud name in clouds.yaml (default: OS_CLOUD, or the OS_* variables)."),
 ]
+ServiceCloudOption = Annotated[
+    str | None,
+    typer.Option(
+        "--service-cloud",
+        envvar="GLANCE_MIGRATOR_SERVICE_CLOUD",
+        help="A cloud in clouds.yaml whose user has the service role (e.g. Glance's own). Glance 29-31 show an "
+        "image's locations, when show_multiple_locations = False, only to a service token: this one goes with "
+        "GET /v2/images/ID/locations, so the sharing check can see them. Glance 32 and later show them to admin.",
+    ),
+]
 TimeoutOption = Annotated[
     float,
     typer.Option(
@@ -212,6 +222,7 @@ def run(
     accept_unseen_sharing: AcceptUnseenSharingOption = False,
     db: DbOption = None,
     os_cloud: CloudOption = None,
+    service_cloud: ServiceCloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Discover images and migrate them; --resume continues after a crash or Ctrl-C.
@@ -235,7 +246,7 @@ def run(
         if resume:
             raise UsageError("--dry-run plans a new run; it cannot be combined with --resume")
         the_plan = commands.plan(
-            lambda: Glance.connect(os_cloud, timeout),
+            lambda: Glance.connect(os_cloud, timeout, service_cloud),
             from_store=from_store,
             to_store=to_store,
             image_ids=image or [],
@@ -250,7 +261,7 @@ def run(
     with _live_progress() as live:
         rep = commands.run_migration(
             state,
-            lambda: Glance.connect(os_cloud, timeout),
+            lambda: Glance.connect(os_cloud, timeout, service_cloud),
             from_store=from_store,
             to_store=to_store,
             image_ids=image or [],
@@ -274,6 +285,7 @@ def check(
     to_store: Annotated[str | None, typer.Option("--to-store", help="Glance store the data would move to.")] = None,
     spool_dir: Annotated[Path | None, typer.Option("--spool-dir", help="Where location-swap would spool.")] = None,
     os_cloud: CloudOption = None,
+    service_cloud: ServiceCloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Ask the cloud what it can do, and say which strategy `run` would use; changes nothing.
@@ -282,7 +294,9 @@ def check(
 
     Example: glance-migrator check --from-store file --to-store ceph
     """
-    findings = commands.check_cloud(lambda: Glance.connect(os_cloud, timeout), from_store, to_store, spool_dir)
+    findings = commands.check_cloud(
+        lambda: Glance.connect(os_cloud, timeout, service_cloud), from_store, to_store, spool_dir
+    )
     render.print_findings(findings)
     raise typer.Exit(render.findings_exit_code(findings))
 
@@ -354,6 +368,7 @@ def retry(
     accept_unseen_sharing: AcceptUnseenSharingOption = False,
     db: DbOption = None,
     os_cloud: CloudOption = None,
+    service_cloud: ServiceCloudOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Re-queue failed images from the step where they failed, then migrate them.
@@ -362,7 +377,7 @@ def retry(
     """
     rep = commands.retry(
         StateDB.open(db),
-        lambda: Glance.connect(os_cloud, timeout),
+        lambda: Glance.connect(os_cloud, timeout, service_cloud),
         image or [],
         all_failed=all_failed,
         run_id=run_id,

@@ -227,7 +227,12 @@ def check_cloud(
     """`check`: what the cloud offers and what a run between the two stores would do; changes nothing."""
     glance = connect()
     return cloud_report(
-        CloudProfile.read(glance), from_store, to_store, spool_dir or default_spool_dir(), glance.usage()
+        CloudProfile.read(glance),
+        from_store,
+        to_store,
+        spool_dir or default_spool_dir(),
+        glance.usage(),
+        service=glance.service is not None,
     )
 
 

@@ -8,6 +8,7 @@ every image in a resumable state. Any other HTTP error becomes GlanceHTTPError f
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import re
@@ -41,6 +42,18 @@ CHUNK: Final = 1 << 20  # bytes per read when streaming image data
 CONNECT_TIMEOUT: Final = 10.0
 READ_TIMEOUT: Final = 300.0  # default wait for an answer or the next body bytes: a store delete can take minutes
 ADMIN_ROLES: Final = frozenset({"admin"})
+LOCATIONS_API: Final = (2, 17)  # GET /v2/images/{id}/locations (Glance 29, 2024.2)
+# Glance's API version per release, for the operator: what `check` names (README "Supported Glance releases")
+RELEASE_OF_API: Final = {(2, 17): "Glance 29-32, 2024.2-2026.1", (2, 18): "Glance 33, 2026.2"}
+
+
+def release_of(api: tuple[int, int] | None) -> str:
+    """Which Glance releases answer with this API version, in words."""
+    if api is None:
+        return "version unknown"
+    if api < LOCATIONS_API:
+        return "older than Glance 29 (2024.2)"
+    return RELEASE_OF_API.get(api, "newer than Glance 33")
 
 
 class GlanceHTTPError(Exception):
@@ -179,23 +192,24 @@ def importing_stores(image: dict[str, Any]) -> set[str]:
 
 class Glance:
     def __init__(
-        self, conn: openstack.connection.Connection, cloud: str | None = None, read_timeout: float = READ_TIMEOUT
+        self,
+        conn: openstack.connection.Connection,
+        cloud: str | None = None,
+        read_timeout: float = READ_TIMEOUT,
+        service: openstack.connection.Connection | None = None,
     ) -> None:
         self.conn = conn
         self.cloud = cloud
         self.timeout = (CONNECT_TIMEOUT, read_timeout)  # a silent Glance is given up on, then retried
+        self.service = service  # --service-cloud: its token goes with the locations API (Glance 29-31)
 
     @classmethod
-    def connect(cls, cloud: str | None, read_timeout: float = READ_TIMEOUT) -> Glance:
-        """Connect like the openstack CLI (--os-cloud, OS_CLOUD, clouds.yaml, OS_* variables) and authenticate."""
-        try:
-            conn = openstack.connect(cloud=cloud)  # OS_CLIENT_CONFIG_FILE, clouds.yaml, OS_*: like the CLI
-            conn.authorize()
-        except sdk_exc.ConfigException as e:
-            raise CloudError(f"cloud configuration: {e}") from e
-        except (ksa_exc.ClientException, sdk_exc.SDKException, requests.RequestException) as e:
-            raise CloudError(_auth_failure(e)) from e
-        return cls(conn, cloud or getattr(conn.config, "name", None), read_timeout)
+    def connect(cls, cloud: str | None, read_timeout: float = READ_TIMEOUT, service_cloud: str | None = None) -> Glance:
+        """Connect like the openstack CLI (--os-cloud, OS_CLOUD, clouds.yaml, OS_* variables) and authenticate;
+        `service_cloud` too, if given (a clouds.yaml cloud whose user has the service role)."""
+        conn = _connect(cloud, "")
+        service = _connect(service_cloud, f"--service-cloud {service_cloud}: ") if service_cloud else None
+        return cls(conn, cloud or getattr(conn.config, "name", None), read_timeout, service)
 
     def roles(self) -> set[str]:
         auth = self.conn.session.auth
@@ -265,16 +279,43 @@ class Glance:
             return False
         return True
 
+    @functools.cached_property
+    def api_version(self) -> tuple[int, int] | None:
+        """The newest image API version this Glance offers, from its version document (keystoneauth's discovery
+        reads GET /versions): (2, 17) on Glance 29-32, (2, 18) on 33, less before 29; None if unreadable."""
+        try:
+            data = self.conn.image.get_endpoint_data()
+            version = data.api_version if data else None
+        except (ksa_exc.ClientException, sdk_exc.SDKException, requests.RequestException, AttributeError):
+            return None
+        return (int(version[0]), int(version[1])) if version and len(version) >= 2 else None
+
+    @property
+    def offers_locations_api(self) -> bool:
+        """GET /v2/images/{id}/locations exists (API 2.17); whether its policy lets us call it, only asking tells."""
+        return self.api_version is None or self.api_version >= LOCATIONS_API
+
     def image_locations(self, image_id: str) -> list[dict[str, Any]] | None:
         """The image's locations through `GET /v2/images/{id}/locations` (API 2.17, Glance 29 on), which does not
         need show_multiple_locations; None where Glance has no such call or its policy refuses us
         (fetch_image_location: the service role up to Glance 31, admin too from 32)."""
+        if not self.offers_locations_api:
+            return None
+        # Glance 29-31 show them to a service token only ("service_roles:service"): X-Service-Token
+        headers = {"X-Service-Token": self._service_token()} if self.service else {}
         try:
-            return list(self._call("GET", f"/images/{image_id}/locations").json())
+            return list(self._call("GET", f"/images/{image_id}/locations", headers=headers).json())
         except GlanceHTTPError as e:
             if e.status in (403, 404, 405):
                 return None
             raise
+
+    def _service_token(self) -> str:
+        assert self.service is not None
+        try:
+            return str(self.service.session.get_token())  # keystoneauth renews it before it expires
+        except (ksa_exc.ClientException, sdk_exc.SDKException, requests.RequestException) as e:
+            raise CloudError(f"--service-cloud: {_auth_failure(e)}") from e
 
     def image_tasks(self, image_id: str) -> list[dict[str, Any]] | None:
         """The image's tasks (imports, copies: input, status, created_at, message), oldest first; None if Glance
@@ -416,6 +457,17 @@ class Glance:
     def delete_from_store(self, image_id: str, store: str) -> None:
         """Delete the image's data from one store (the image and its other copies stay)."""
         self._call("DELETE", f"/stores/{store}/{image_id}", ok=(204,))
+
+
+def _connect(cloud: str | None, what: str) -> openstack.connection.Connection:
+    try:
+        conn = openstack.connect(cloud=cloud)  # OS_CLIENT_CONFIG_FILE, clouds.yaml, OS_*: like the CLI
+        conn.authorize()
+    except sdk_exc.ConfigException as e:
+        raise CloudError(f"{what}cloud configuration: {e}") from e
+    except (ksa_exc.ClientException, sdk_exc.SDKException, requests.RequestException) as e:
+        raise CloudError(what + _auth_failure(e)) from e
+    return conn
 
 
 def _body(response: requests.Response) -> Iterator[bytes]:

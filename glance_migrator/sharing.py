@@ -38,6 +38,15 @@ class SharingUnseen(CloudError):
     be known: the run stops before that delete (unless the operator accepted the risk)."""
 
 
+# How to let the sharing check see locations Glance hides, per release (fetch_image_location's default policy)
+SEE_LOCATIONS: Final = (
+    "Let glance-migrator see locations: on Glance 29-31, --service-cloud with a cloud whose user has the service "
+    "role (those releases show them to a service token only); from Glance 32 the admin role suffices; on any "
+    "release, a policy granting fetch_image_location to its role, or show_multiple_locations = True on a "
+    "glance-api only it uses"
+)
+
+
 class SharedData:
     """Which images list which URL; one per run, shared by its workers.
 
@@ -80,10 +89,9 @@ class SharedData:
         message = (
             f"cannot see whether other images share the data of image {image['id']} in {self.from_store}: Glance "
             "hides locations (show_multiple_locations = False) and refuses GET /v2/images/ID/locations (policy "
-            "fetch_image_location: admin from Glance 32, the service role before). Deleting old data now could "
-            "destroy another image's only data, so nothing was deleted. Let glance-migrator see locations (the "
-            "service role for its user, or show_multiple_locations = True on the glance-api it uses), or accept "
-            "the risk with --accept-unseen-sharing; then `glance-migrator run --resume`"
+            "fetch_image_location). Deleting old data now could destroy another image's only data, so nothing was "
+            f"deleted. {SEE_LOCATIONS}, or accept the risk with --accept-unseen-sharing; then `glance-migrator run "
+            "--resume` (with the same options)"
         )
         if not self.accept_unseen:
             return message

@@ -15,7 +15,8 @@ Facts about Glance 33's database (``<lab.root>/glance.sqlite``, the same schema 
   ('active'; 'pending_delete'/'deleted' for removed ones), created_at, updated_at, deleted_at, deleted.
 - ``image_properties``: image_id, name, value, ... , deleted (one row per extra property).
 - URLs: ``file:///<datadir>/<image id>``; ``s3://<host:port>/<bucket>/<image id>`` (no credentials in the
-  URL with Glance 33); ``rbd://<fsid>/<pool>/<image id>/snap`` (Glance reads the protected snapshot "snap").
+  URL with Glance 33; ``s3://<key>:<secret>@<host:port>/...`` before: lab.s3_location() writes the right one);
+  ``rbd://<fsid>/<pool>/<image id>/snap`` (Glance reads the protected snapshot "snap").
 
 Glance keeps no cache in front of its database in the lab (no image cache middleware), so an edit here is
 what the next API call sees.

@@ -292,10 +292,19 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
     assert "not part of run" in proc.stderr
 
 
-def test_check_reports_what_the_cloud_offers_and_changes_nothing(env: dict[str, str], tmp_path: Path) -> None:
+# What `check` says of each release the lab runs: the API version Glance's version document gives
+API_OF_RELEASE = {30: "image API v2.17 (Glance 29-32, 2024.2-2026.1)", 33: "image API v2.18 (Glance 33, 2026.2)"}
+
+
+@pytest.mark.core
+def test_check_reports_what_the_cloud_offers_and_changes_nothing(
+    lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
+) -> None:
+    seed_image(admin_conn, "check-looks-at-me", os.urandom(100))  # locations are judged on an image
     proc = cli("check", "--from-store", "old", "--to-store", "new", "--spool-dir", str(tmp_path / "sp"), env=env)
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     out = proc.stdout
+    assert f"ok  glance: {API_OF_RELEASE[lab.glance_release.major]}\n" in out, out
     assert "stores: old (file, default), new (file)" in out and "copy-image" in out
     assert "run --strategy auto: would use copy-image" in out
     assert "--strategy location-swap: would not work: new is a file store" in out

@@ -63,6 +63,7 @@ def _select(images: list[Seeded]) -> list[str]:
     return [arg for s in images for arg in ("--image", s.id)]
 
 
+@pytest.mark.core
 @pytest.mark.parametrize(("target", "spooled"), [("s3", True), ("ceph", True), ("ceph", False)])
 def test_location_swap_moves_a_dozen_images(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str, spooled: bool
@@ -87,6 +88,7 @@ def _reached(db: Path, state: str) -> int:
     return count_in_db(db, "SELECT count(*) FROM events WHERE to_state = ?", state)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("target", TARGETS)
 def test_location_swap_survives_kill_9_at_every_step_boundary_and_mid_transfer(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str, invariants: Invariants
@@ -161,6 +163,7 @@ def test_corrupt_source_fails_with_integrity_error_and_keeps_its_location(
     )  # fmt: skip
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("target", TARGETS)
 def test_copy_image_to_real_backends(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str
@@ -235,6 +238,7 @@ def test_rbd_clone_child_blocks_the_image_until_it_is_gone_then_retry_finishes(
     assert seeded.id not in full_lab.rbd("ls", "images").split()  # the Ceph copy is really gone
 
 
+@pytest.mark.core
 def test_legacy_single_store_glance_file_to_rbd(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:

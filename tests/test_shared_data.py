@@ -75,6 +75,7 @@ def _run(db: Path, env: dict[str, str], spool: Path, *args: str) -> Any:
                env=env)  # fmt: skip
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_images_on_one_data_object_both_move_and_neither_loses_its_data(
     full_lab: Any,
