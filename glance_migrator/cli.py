@@ -46,7 +46,7 @@ ServiceCloudOption = Annotated[
     typer.Option(
         "--service-cloud",
         envvar="GLANCE_MIGRATOR_SERVICE_CLOUD",
-        help="A cloud in clouds.yaml whose user has the service role (e.g. Glance's own). Glance 29-31 show an "
+        help="A cloud in clouds.yaml whose user has the service role (e.g. Glance's own). Glance 30.1-31 show an "
         "image's locations, when show_multiple_locations = False, only to a service token: this one goes with "
         "GET /v2/images/ID/locations, so the sharing check can see them. Glance 32 and later show them to admin.",
     ),

@@ -201,7 +201,7 @@ class Glance:
         self.conn = conn
         self.cloud = cloud
         self.timeout = (CONNECT_TIMEOUT, read_timeout)  # a silent Glance is given up on, then retried
-        self.service = service  # --service-cloud: its token goes with the locations API (Glance 29-31)
+        self.service = service  # --service-cloud: its token goes with the locations API (Glance 30.1-31)
 
     @classmethod
     def connect(cls, cloud: str | None, read_timeout: float = READ_TIMEOUT, service_cloud: str | None = None) -> Glance:
@@ -301,7 +301,7 @@ class Glance:
         (fetch_image_location: the service role up to Glance 31, admin too from 32)."""
         if not self.offers_locations_api:
             return None
-        # Glance 29-31 show them to a service token only ("service_roles:service"): X-Service-Token
+        # Glance 30.1-31 show them to a service token only ("service_roles:service"): X-Service-Token
         headers = {"X-Service-Token": self._service_token()} if self.service else {}
         try:
             return list(self._call("GET", f"/images/{image_id}/locations", headers=headers).json())

@@ -40,8 +40,9 @@ class SharingUnseen(CloudError):
 
 # How to let the sharing check see locations Glance hides, per release (fetch_image_location's default policy)
 SEE_LOCATIONS: Final = (
-    "Let glance-migrator see locations: on Glance 29-31, --service-cloud with a cloud whose user has the service "
-    "role (those releases show them to a service token only); from Glance 32 the admin role suffices; on any "
+    "Let glance-migrator see locations: on Glance 30.1-31, --service-cloud with a cloud whose user has the service "
+    "role (those releases show them to a service token only); on 29-30.0, the service role for its own user; from "
+    "Glance 32 the admin role suffices; on any "
     "release, a policy granting fetch_image_location to its role, or show_multiple_locations = True on a "
     "glance-api only it uses"
 )

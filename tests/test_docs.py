@@ -11,6 +11,7 @@ from pathlib import Path
 
 from glance_migrator import errors
 from glance_migrator.state import PATHS, mermaid
+from tests.lab import GLANCE_RELEASES, LATEST
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -32,3 +33,11 @@ def test_readme_documents_every_exit_code() -> None:
     codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
     for code in codes:
         assert f"\n| {code} |" in README.read_text(), f"exit code {code} is missing from README's table"
+
+
+def test_readme_release_table_names_each_release_the_suite_runs() -> None:
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| ") and " | 2." in line]
+    tested = {row.split(" | ")[1]: row.split(" | ")[3] for row in rows}  # Glance major -> "Tested" column
+    for major, release in GLANCE_RELEASES.items():
+        assert tested.get(major) in ("whole suite", "core scenarios"), f"README: Glance {major} ({release.series})"
+    assert tested.get(LATEST) == "whole suite"
