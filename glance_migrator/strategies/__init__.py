@@ -9,7 +9,7 @@ that is idempotent.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -20,7 +20,9 @@ from glance_migrator.sharing import SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
 
-POLL_INTERVAL: Final = 1.0  # seconds between looks at a running Glance task
+POLL_FIRST: Final = 0.05  # seconds before the first look at a running Glance task (a small copy is done by then)
+POLL_BACKOFF: Final = 1.5  # each wait this much longer than the one before ...
+POLL_INTERVAL: Final = 2.0  # ... up to this, for long copies
 COPY_TIMEOUT: Final = 6 * 3600.0  # a copy-image task that has not finished in 6 h is reported as failed
 LOCK_TIMEOUT: Final = 3600.0  # how long to wait for another operation's import lock on an image
 STUCK_AFTER: Final = 600.0  # a running copy task updates itself about every 60 s; 10 min silent = dead
@@ -37,6 +39,7 @@ class StepContext:
     to_store: str
     stop: threading.Event
     shared: SharedData  # who else lists an image's old data, asked before it is deleted
+    poll_first: float = POLL_FIRST
     poll_interval: float = POLL_INTERVAL
     copy_timeout: float = COPY_TIMEOUT
     lock_timeout: float = LOCK_TIMEOUT
@@ -48,6 +51,15 @@ class StepContext:
         """Wait, but give up at once when the operator asks to stop."""
         if self.stop.wait(seconds):
             raise Interrupted
+
+    def polls(self) -> Iterator[None]:
+        """Wait between looks at something Glance is doing: briefly at first, then longer (x1.5, up to
+        poll_interval), so a small image's copy is noticed within ~0.1 s and a long one costs few requests."""
+        wait = self.poll_first
+        while True:
+            self.sleep(wait)
+            yield
+            wait = min(wait * POLL_BACKOFF, self.poll_interval)
 
 
 @dataclass

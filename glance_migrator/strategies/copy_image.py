@@ -105,10 +105,11 @@ def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
     if ctx.from_store not in stores:
         raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} any more (stores: {sorted(stores)})")
     deadline = time.monotonic() + ctx.lock_timeout
+    polls = ctx.polls()
     while not _post_copy(ctx, row):
         if time.monotonic() > deadline:
             raise ImageFailure(f"another operation kept the image locked for {ctx.lock_timeout:.0f} s")
-        ctx.sleep(ctx.poll_interval)
+        next(polls)
     return StepResult(f"{done}copy-image to {ctx.to_store} accepted")
 
 
@@ -165,6 +166,7 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
     requests_left = MAX_REREQUESTS
     watch = _TaskWatch(ctx)
     expired: set[str] = set()  # dead tasks whose lock we asked Glance to break (then only the probes ask again)
+    polls = ctx.polls()
     while True:
         image = _current(ctx, row)
         stores = image_stores(image)
@@ -223,19 +225,20 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
             _post_copy(ctx, row)  # 409 while the task lives; after a dead task's lock expires, restarts it
         if time.monotonic() > deadline:
             raise ImageFailure(f"copy to {ctx.to_store} did not finish within {ctx.copy_timeout:.0f} s")
-        ctx.sleep(ctx.poll_interval)
+        next(polls)
 
 
 def _unlocked(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
     """The image once no import holds its lock (a store delete must never race an import)."""
     deadline = time.monotonic() + ctx.lock_timeout
+    polls = ctx.polls()
     while True:
         image = _current(ctx, row)
         if _lock_holder(image) is None:
             return image
         if time.monotonic() > deadline:
             raise ImageFailure(f"an import kept the image locked for {ctx.lock_timeout:.0f} s; not deleting under it")
-        ctx.sleep(ctx.poll_interval)
+        next(polls)
 
 
 def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:

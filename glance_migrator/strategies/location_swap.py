@@ -31,6 +31,7 @@ from glance_migrator.verify import DataHasher, check_unchanged, differences, fin
 
 UPLOAD_ATTEMPTS: Final = 3
 TRANSFER_ATTEMPTS: Final = 3  # downloads whose connection breaks are started again this many times in all
+TRANSFER_PAUSE: Final = 1.0  # seconds before a broken transfer starts again (times the attempt)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,7 +86,7 @@ def _transfer(ctx: StepContext, what: str, action: Callable[[], T]) -> T:
             if attempt == TRANSFER_ATTEMPTS:
                 raise
             log.warning("%s broke (%s); starting it again (%d/%d)", what, e, attempt + 1, TRANSFER_ATTEMPTS)
-            ctx.sleep(ctx.poll_interval * attempt)
+            ctx.sleep(TRANSFER_PAUSE * attempt)
     raise AssertionError("unreachable")
 
 
@@ -122,7 +123,7 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
                     attempt + 1,
                     UPLOAD_ATTEMPTS,
                 )
-            ctx.sleep(ctx.poll_interval)
+            ctx.sleep(TRANSFER_PAUSE)
             continue
         except GlanceHTTPError as e:
             discard_copy(ctx, copy["id"])
