@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from glance_migrator.errors import BusyError, StateDBError, UsageError
-from glance_migrator.models import Event, ImageRow, Run, utcnow
+from glance_migrator.models import UNFINISHED, Event, ImageRow, Run, utcnow
 from glance_migrator.state import RETRYABLE, TERMINAL, State, Strategy, check_transition, retry_state
 
 log = logging.getLogger(__name__)
@@ -263,35 +263,53 @@ class StateDB:
     # -- leases ------------------------------------------------------------------------------------
 
     def claim_next(self, run_id: int, owner: LeaseOwner, exclude: set[str]) -> ImageRow | None:
-        """Take the lease on the next unfinished image nobody live holds; None when none is free."""
+        """Take the lease on the next unfinished image nobody live holds; None when none is free.
+
+        Two reads that do not grow with the run: the first free row of the claim index (it skips only the rows
+        other workers hold), and the rows leased now (one per worker), for a holder on this host that died.
+        """
         now = utcnow()
         with self.session() as s:
-            candidates = s.scalars(
-                sa.select(ImageRow)
-                .where(
-                    ImageRow.run_id == run_id,
-                    ImageRow.state.not_in([str(t) for t in TERMINAL]),
-                    ImageRow.image_id.not_in(exclude),
-                )
-                .order_by(ImageRow.position, ImageRow.image_id)
+            lapsed = sa.or_(
+                ImageRow.lease_owner.is_(None), ImageRow.lease_expires.is_(None), ImageRow.lease_expires < now
             )
-            for row in candidates:
-                if not _lease_free(row, now):
-                    continue
-                row.lease_owner = str(owner)
-                row.lease_expires = now + LEASE_TTL
-                row.started_at = row.started_at or now
-                return row
-        return None
+            free = s.scalars(
+                self._unfinished(run_id, exclude).where(lapsed).order_by(ImageRow.position, ImageRow.image_id).limit(1)
+            ).first()
+            orphans = [
+                row
+                for row in s.scalars(
+                    self._unfinished(run_id, exclude).where(
+                        ImageRow.lease_owner.is_not(None), ImageRow.lease_expires >= now
+                    )
+                )
+                if _lease_free(row, now)  # held by a process of this host that is gone
+            ]
+            candidates: list[ImageRow] = [row for row in (free, *orphans) if row is not None]
+            if not candidates:
+                return None
+            row = min(candidates, key=lambda r: (r.position if r.position is not None else -1, r.image_id))
+            row.lease_owner = str(owner)
+            row.lease_expires = now + LEASE_TTL
+            row.started_at = row.started_at or now
+            return row
+
+    @staticmethod
+    def _unfinished(run_id: int, exclude: set[str]) -> sa.Select[Any]:
+        query = sa.select(ImageRow).where(ImageRow.run_id == run_id, UNFINISHED)
+        return query.where(ImageRow.image_id.not_in(exclude)) if exclude else query
 
     def leased_by_others(self, run_id: int, owner: LeaseOwner) -> list[ImageRow]:
-        """Unfinished images whose lease another live runner holds (what a second runner waits for)."""
+        """Unfinished images whose lease another live runner holds (what a second runner waits for): the leased
+        rows only, read through their index."""
         now = utcnow()
-        return [
-            row
-            for row in self.images(run_id)
-            if row.state not in TERMINAL and row.lease_owner not in (None, str(owner)) and not _lease_free(row, now)
-        ]
+        with self.session() as s:
+            leased = s.scalars(
+                self._unfinished(run_id, set()).where(
+                    ImageRow.lease_owner.is_not(None), ImageRow.lease_owner != str(owner), ImageRow.lease_expires >= now
+                )
+            )
+            return [row for row in leased if not _lease_free(row, now)]
 
     def renew_leases(self, owner: LeaseOwner) -> None:
         with self.session() as s:

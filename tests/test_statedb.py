@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -95,3 +96,34 @@ def test_status_reads_a_db_on_read_only_media_and_a_run_refuses_it_clearly(tmp_p
             StateDB.open(str(ro / "state.db"))
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(tmp_path: Path) -> None:
+    """A state DB an older glance-migrator left mid-run (schema 0004) opens upgraded: its rows intact, the claim
+    index in place, sizes 64-bit."""
+    from alembic import command  # noqa: PLC0415 - only this test drives Alembic by hand
+
+    from glance_migrator.statedb import _alembic_config  # noqa: PLC0415
+
+    path = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    config = _alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+        conn.exec_driver_sql("INSERT INTO runs (id, created_at, from_store, to_store, strategy) "
+                             "VALUES (1, '2026-01-01', 'old', 'new', 'copy-image')")  # fmt: skip
+        conn.exec_driver_sql(
+            "INSERT INTO images (run_id, image_id, status, size, os_hidden, strategy, state, position, attempts, "
+            "created_at, updated_at) VALUES (1, 'a', 'active', 3000000000, 0, 'copy-image', 'pending', 0, 0, "
+            "'2026-01-01', '2026-01-01')"
+        )
+    engine.dispose()
+    db = StateDB.open(str(path))
+    (row,) = db.images(1)
+    assert (row.image_id, row.size, row.state) == ("a", 3000000000, "pending")
+    with db.engine.connect() as conn:
+        indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("images")}
+        assert {"ix_images_claim", "ix_images_lease_owner"} <= indexes
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    db.close()
