@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +67,10 @@ def seed_image(
     tags: list[str] | None = None,
     members: list[str] | None = None,
     protected: bool = False,
+    store: str | None = None,
     **props: str,
 ) -> Seeded:
-    """Create an image (with data unless `data` is None: it stays queued) in the default store."""
+    """Create an image (with data unless `data` is None: it stays queued) in `store` (default: the default store)."""
     body: dict[str, Any] = {
         "name": name,
         "disk_format": "raw",
@@ -84,7 +87,7 @@ def seed_image(
         resp = conn.image.put(
             f"/images/{image_id}/file",
             data=io.BytesIO(data),
-            headers={"Content-Type": "application/octet-stream"},
+            headers={"Content-Type": "application/octet-stream", **({"X-Image-Meta-Store": store} if store else {})},
         )
         assert resp.status_code == 204, resp.text
     for member in members or []:
@@ -226,6 +229,22 @@ def count_in_db(db: Path, query: str, *params: Any) -> int:
 def event_count(db: Path) -> int:
     """Transitions recorded so far."""
     return count_in_db(db, "SELECT count(*) FROM events WHERE from_state IS NOT NULL")
+
+
+@contextlib.contextmanager
+def realtime() -> Iterator[None]:
+    """Run the calling thread under SCHED_FIFO meanwhile (root may): on a loaded machine its short sleeps then end
+    on time, instead of the runner it watches going on for a scheduler slice or more."""
+    try:
+        before = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except (PermissionError, AttributeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, before[0], before[1])
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:

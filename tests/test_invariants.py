@@ -13,7 +13,7 @@ from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_OK
 from tests.glancetools import cli, patch, seed_image
-from tests.invariants import Invariants
+from tests.invariants import Invariants, _active_without_data
 
 MiB = 1 << 20
 
@@ -81,3 +81,23 @@ def test_data_gone_counts_as_lost_and_collateral_damage_is_caught(
     finally:  # leave no broken image for the scenarios that share this lab
         for image_id in (bystander.id, images[0].id):
             assert admin_conn.image.delete(f"/images/{image_id}").status_code in (204, 404)
+
+
+def test_data_gone_from_s3_or_ceph_is_caught_without_reading_every_image(
+    full_lab: Any, full_admin_conn: Connection
+) -> None:
+    """The collateral-damage check lists the S3 bucket and the Ceph pool instead of downloading every image:
+    an object or RBD image deleted behind Glance's back is still caught."""
+    conn = full_admin_conn
+    in_s3, in_ceph = (seed_image(conn, f"gone-from-{store}", os.urandom(1000), store=store) for store in ("s3", "ceph"))
+    try:
+        assert _active_without_data(full_lab, conn, exempt=()) == []
+        full_lab.s3_delete(in_s3.id)
+        full_lab.rbd("snap", "unprotect", f"images/{in_ceph.id}@snap")
+        full_lab.rbd("snap", "purge", f"images/{in_ceph.id}")
+        full_lab.rbd("rm", f"images/{in_ceph.id}")
+        gone = " ".join(_active_without_data(full_lab, conn, exempt=()))
+        assert in_s3.id in gone and in_ceph.id in gone, gone
+    finally:
+        for image_id in (in_s3.id, in_ceph.id):
+            assert conn.image.delete(f"/images/{image_id}").status_code in (204, 404)

@@ -780,6 +780,12 @@ class Lab:
             raise LabError(f"S3 GET {bucket}/{key}: HTTP {status} {body[:300]!r}")
         return body
 
+    def s3_delete(self, key: str, bucket: str = S3_BUCKET) -> None:
+        """Delete object `key` of `bucket` behind Glance's back."""
+        status, body = _s3_request(self._port("s3"), "DELETE", f"/{bucket}/{key}")
+        if status not in (200, 204):
+            raise LabError(f"S3 DELETE {bucket}/{key}: HTTP {status} {body[:300]!r}")
+
     def s3_location(self, key: str, bucket: str = S3_BUCKET) -> str:
         """The location URL this lab's Glance writes for object `key` of `bucket` (with the store's credentials
         in it before Glance 33, whose s3 driver cannot delete an object through a URL without them)."""
