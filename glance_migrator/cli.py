@@ -349,10 +349,10 @@ def report(
     """
     records = commands.audit(StateDB.open(db, readonly=True), run_id)
     try:
-        render.write_audit(records, output)
+        written = render.write_audit(records, output)
     except OSError as e:
         raise UsageError(f"cannot write {output}: {e.strerror}") from e
-    print(f"wrote {len(records)} image(s) to {output}")
+    print(f"wrote {written} image(s) to {output}")
 
 
 @app.command()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import textwrap
 import threading
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from rich.console import Console, RenderableType
@@ -28,7 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from glance_migrator.checks import Finding
-from glance_migrator.commands import Plan, RunReport, status_document
+from glance_migrator.commands import STATUS_COLUMNS, Plan, RunReport, status_head, status_records
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.models import ImageRow
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
@@ -39,7 +41,7 @@ def exit_code(rep: RunReport) -> int:
     blocked images wait for the operator. `run --resume` of a finished run moves nothing: 0, so that a loop of
     resumes ends (the run that failed those images said 1; `status` lists them)."""
     if not rep.complete:
-        return EXIT_INTERRUPTED if any(r.state not in TERMINAL for r in rep.images) else EXIT_OK
+        return EXIT_INTERRUPTED if rep.unfinished else EXIT_OK
     return EXIT_PARTIAL if rep.need_attention and not rep.already_complete else EXIT_OK
 
 
@@ -136,21 +138,22 @@ class Format(StrEnum):
 
 
 def print_images(rep: RunReport, fmt: Format, columns: list[str]) -> None:
-    """Every image of the run, like `openstack ... -f FORMAT -c COLUMN`: json is the whole document."""
-    doc = status_document(rep)
+    """Every image of the run, like `openstack ... -f FORMAT -c COLUMN`: json is the whole document. json, csv
+    and value stream the images from the state DB (memory stays flat at any size); table and yaml hold them."""
     if fmt == Format.JSON and not columns:
-        print(json.dumps(doc, indent=2))
+        print_json(rep)
         return
-    known = list(doc["images"][0]) if doc["images"] else []
-    unknown = [c for c in columns if known and c not in known]
+    known = list(STATUS_COLUMNS)
+    unknown = [c for c in columns if c not in known]
     if unknown:
         raise UsageError(f"unknown column(s) {', '.join(unknown)}; columns: {', '.join(known)}")
     cols = columns or known
-    rows = [{c: image[c] for c in cols} for image in doc["images"]]
+    rows = ({c: image[c] for c in cols} for image in status_records(rep))
     if fmt == Format.JSON:
-        print(json.dumps(rows, indent=2))
+        _json_list(rows, indent="")
+        sys.stdout.write("\n")
     elif fmt == Format.YAML:
-        print(yaml.safe_dump(rows, sort_keys=False), end="")
+        print(yaml.safe_dump(list(rows), sort_keys=False), end="")
     elif fmt == Format.CSV:
         writer = csv.DictWriter(sys.stdout, fieldnames=cols, lineterminator="\n")
         writer.writeheader()
@@ -166,31 +169,55 @@ def print_images(rep: RunReport, fmt: Format, columns: list[str]) -> None:
         Console(highlight=False, width=None if sys.stdout.isatty() else 100_000).print(table)
 
 
-def write_audit(records: list[dict[str, Any]], path: Path) -> None:
-    """JSON (with each image's events) or, for a .csv path, one CSV row per image (events left out)."""
+def _json_list(items: Iterable[Any], indent: str, out: TextIO | None = None) -> None:
+    """Write a JSON list item by item, as json.dump(list, indent=2) would lay it out at nesting `indent`."""
+    out = out or sys.stdout
+    first = True
+    for item in items:
+        out.write(("[\n" if first else ",\n") + textwrap.indent(json.dumps(item, indent=2), indent + "  "))
+        first = False
+    out.write("[]" if first else f"\n{indent}]")
+
+
+def write_audit(records: Iterable[dict[str, Any]], path: Path) -> int:
+    """JSON (with each image's events) or, for a .csv path, one CSV row per image (events left out); streamed.
+    Returns how many images were written."""
+    count = 0
+
+    def counted() -> Iterator[dict[str, Any]]:
+        nonlocal count
+        for record in records:
+            count += 1
+            yield record
+
     with path.open("w", newline="") as f:
         if path.suffix.lower() == ".csv":
-            fields = [k for k in (records[0] if records else {}) if k != "events"]
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(records)
+            writer: csv.DictWriter[str] | None = None
+            for record in counted():
+                if writer is None:
+                    fields = [k for k in record if k != "events"]
+                    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+                    writer.writeheader()
+                writer.writerow(record)
         else:
-            json.dump(records, f, indent=2)
+            _json_list(counted(), indent="", out=f)
             f.write("\n")
+    return count
 
 
 def print_json(rep: RunReport) -> None:
-    json.dump(status_document(rep), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    """The status document, as json.dump(indent=2) lays it out, its images streamed."""
+    head = json.dumps(status_head(rep), indent=2)
+    sys.stdout.write(head[: head.rindex("\n}")] + ',\n  "images": ')
+    _json_list(status_records(rep), indent="  ")
+    sys.stdout.write("\n}\n")
 
 
 def print_status(rep: RunReport) -> None:
     console = Console(highlight=False, soft_wrap=True)
     run = rep.run
     state = "complete" if rep.complete else "in progress (continue with `glance-migrator run --resume`)"
-    console.print(
-        f"run {run.id}: {run.from_store} -> {run.to_store} ({run.strategy}), {len(rep.images)} image(s), {state}"
-    )
+    console.print(f"run {run.id}: {run.from_store} -> {run.to_store} ({run.strategy}), {rep.total} image(s), {state}")
     table = Table("state", "images", box=None, pad_edge=False)
     states = [str(st) for st in (*PATHS[Strategy(run.strategy)], State.FAILED, State.BLOCKED, State.SKIPPED)]
     states += [st for st in rep.counts if st not in states]  # images moved by the other strategy (0-byte ones)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 30_000
 LEASE_TTL: Final = timedelta(seconds=60)  # a runner renews its leases every LEASE_TTL / 4
+READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
 
 
 def default_db_path() -> Path:
@@ -97,6 +98,7 @@ class StateDB:
         self.url = url
         self.engine = _make_engine(url, readonly)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._reads = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     @classmethod
     def open(cls, db: str | None, readonly: bool = False) -> StateDB:
@@ -145,6 +147,9 @@ class StateDB:
         config = _alembic_config()
         with _db_errors(self.url):
             scripts = ScriptDirectory.from_config(config)
+            with self.engine.execution_options(**{READ_ONLY: True}).begin() as conn:  # the usual case: no lock
+                if MigrationContext.configure(conn).get_current_heads() == (scripts.get_current_head(),):
+                    return
             with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one upgrader at a time
                 current = MigrationContext.configure(conn).get_current_heads()
                 known = {rev.revision for rev in scripts.walk_revisions()}
@@ -167,6 +172,12 @@ class StateDB:
     def session(self) -> Iterator[Session]:
         """A transaction that commits on success; DB-level failures become StateDBError."""
         with _db_errors(self.url), self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction: a consistent snapshot that takes no write lock (SQLite: deferred BEGIN)."""
+        with _db_errors(self.url), self._reads.begin() as session:
             yield session
 
     # -- runs --------------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ class StateDB:
 
     def get_run(self, run_id: int | None = None) -> Run:
         """The given run, or else the latest one."""
-        with self.session() as s:
+        with self.reading() as s:
             query = sa.select(Run).order_by(Run.id.desc())
             if run_id is not None:
                 query = query.where(Run.id == run_id)
@@ -212,11 +223,11 @@ class StateDB:
         return run
 
     def has_runs(self) -> bool:
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalars(sa.select(Run.id).limit(1)).first() is not None
 
     def unfinished_run(self) -> Run | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalars(sa.select(Run).where(Run.finished_at.is_(None)).order_by(Run.id.desc())).first()
 
     def finish_run_if_complete(self, run_id: int) -> bool:
@@ -236,25 +247,41 @@ class StateDB:
     # -- images ------------------------------------------------------------------------------------
 
     def images(self, run_id: int, states: Sequence[State] | None = None) -> list[ImageRow]:
-        with self.session() as s:
+        with self.reading() as s:
             query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.position, ImageRow.image_id)
             if states is not None:
                 query = query.where(ImageRow.state.in_([str(st) for st in states]))
             return list(s.scalars(query))
 
+    def iter_images(self, run_id: int, states: Sequence[State] | None = None, batch: int = 1000) -> Iterator[ImageRow]:
+        """The run's images in run order, read in batches from one snapshot: memory stays flat at any size."""
+        with self.reading() as s:
+            query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.position, ImageRow.image_id)
+            if states is not None:
+                query = query.where(ImageRow.state.in_([str(st) for st in states]))
+            for row in s.scalars(query.execution_options(yield_per=batch)):
+                yield row
+                s.expunge(row)  # the session keeps no reference: read rows can go
+
+    def events_of(self, run_id: int, image_ids: Sequence[str]) -> list[Event]:
+        """The events of these images (a batch of them), in order; read through their own index."""
+        with self.reading() as s:
+            query = sa.select(Event).where(Event.run_id == run_id, Event.image_id.in_(image_ids)).order_by(Event.id)
+            return list(s.scalars(query))
+
     def image(self, run_id: int, image_id: str) -> ImageRow | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.get(ImageRow, (run_id, image_id))
 
     def counts(self, run_id: int) -> dict[str, int]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(
                 sa.select(ImageRow.state, sa.func.count()).where(ImageRow.run_id == run_id).group_by(ImageRow.state)
             )
             return {state: n for state, n in rows}
 
     def events(self, run_id: int, image_id: str | None = None) -> list[Event]:
-        with self.session() as s:
+        with self.reading() as s:
             query = sa.select(Event).where(Event.run_id == run_id).order_by(Event.id)
             if image_id:
                 query = query.where(Event.image_id == image_id)
@@ -303,7 +330,7 @@ class StateDB:
         """Unfinished images whose lease another live runner holds (what a second runner waits for): the leased
         rows only, read through their index."""
         now = utcnow()
-        with self.session() as s:
+        with self.reading() as s:
             leased = s.scalars(
                 self._unfinished(run_id, set()).where(
                     ImageRow.lease_owner.is_not(None), ImageRow.lease_owner != str(owner), ImageRow.lease_expires >= now
@@ -443,7 +470,9 @@ def _make_engine(url: str, readonly: bool = False) -> Engine:
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a write transaction takes the write lock at once (no deadlock on upgrade); a read one takes none, so
+        # status, report and --watch never hold up the runners
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -17,6 +17,9 @@ import pytest
 from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_STATE_DB, EXIT_USAGE
+from glance_migrator.models import ImageRow
+from glance_migrator.state import State, Strategy
+from glance_migrator.statedb import LeaseOwner, StateDB
 from tests.glancetools import CLI, cli, seed_image, stores_of
 
 COMMANDS = ["run", "status", "retry", "check", "report"]
@@ -386,3 +389,56 @@ def test_owner_and_visibility_filters_and_quiet(admin_conn: Connection, env: dic
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--name", f"vis-{tag}-*", "--owner", "nobody",
                "--dry-run", env=env, check_rc=EXIT_OK)  # fmt: skip
     assert proc.stdout.splitlines()[-1].startswith("no image;")
+
+
+def _big_run(path: Path, count: int) -> None:
+    """A state DB holding a run of `count` images, some failed, as a long migration leaves it."""
+    db = StateDB.open(str(path))
+    rows = [
+        (ImageRow(image_id=f"77777777-7777-4777-8777-{i:012d}", name=f"img-{i}", status="active", size=i,
+                  stores="old", strategy=str(Strategy.COPY_IMAGE), state=str(State.PENDING), attempts=0), None)
+        for i in range(count)
+    ]  # fmt: skip
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, rows)
+    for _ in range(3):
+        claimed = db.claim_next(run.id, LeaseOwner.me(), set())
+        assert claimed is not None
+        db.transition(run.id, claimed.image_id, State.FAILED, "Glance said no")
+        db.release(run.id, claimed.image_id, LeaseOwner.me())
+    db.close()
+
+
+def test_status_and_report_read_a_large_run_while_a_runner_holds_the_write_lock(tmp_path: Path) -> None:
+    """status (summary, -f json/csv) and report read without taking the state DB's write lock, so a runner's
+    transaction never waits for them (nor they for it), and they stream the images: the JSON is laid out as
+    json.dump(indent=2) would, whatever the number of images."""
+    db = tmp_path / "state.db"
+    _big_run(db, 5000)
+    runner = sqlite3.connect(db, isolation_level=None)
+    runner.execute("BEGIN IMMEDIATE")  # a runner in the middle of recording a step
+    try:
+        env, args = {}, ("--db", str(db))
+        summary = cli("status", *args, env=env, timeout=20, check_rc=EXIT_OK).stdout
+        assert "5000 image(s)" in summary, summary
+        assert "failed at pending: 77777777-7777-4777-8777-000000000002" in summary, summary
+        shown = cli("status", "--json", *args, env=env, timeout=20, check_rc=EXIT_OK).stdout
+        doc = json.loads(shown)
+        assert shown == json.dumps(doc, indent=2) + "\n"
+        assert doc["total"] == len(doc["images"]) == 5000 and doc["counts"]["failed"] == 3
+        assert [i["id"] for i in doc["images"][:2]] == [f"77777777-7777-4777-8777-{i:012d}" for i in range(2)]
+        listed = cli("status", "-f", "csv", "-c", "id", "-c", "state", *args, env=env, timeout=20, check_rc=EXIT_OK)
+        assert listed.stdout.splitlines()[:2] == ["id,state", "77777777-7777-4777-8777-000000000000,failed"]
+        assert len(listed.stdout.splitlines()) == 5001
+        picked = json.loads(
+            cli("status", "-f", "json", "-c", "id", *args, env=env, timeout=20, check_rc=EXIT_OK).stdout
+        )
+        assert len(picked) == 5000 and picked[0] == {"id": "77777777-7777-4777-8777-000000000000"}
+        for name in ("audit.json", "audit.csv"):
+            written = cli("report", str(tmp_path / name), *args, env=env, timeout=20, check_rc=EXIT_OK)
+            assert "wrote 5000 image(s)" in written.stdout
+        records = json.loads((tmp_path / "audit.json").read_text())
+        assert len(records) == 5000 and [e["to"] for e in records[0]["events"]] == ["pending", "failed"]
+        assert len((tmp_path / "audit.csv").read_text().splitlines()) == 5001
+    finally:
+        runner.execute("ROLLBACK")
+        runner.close()
