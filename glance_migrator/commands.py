@@ -146,6 +146,7 @@ def run_migration(
         progress=progress,
         stuck_after=stuck_after,
         accept_unseen_sharing=accept_unseen_sharing,
+        connect=connect,
     )
     with graceful_interrupts(runner):
         runner.run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -62,9 +62,11 @@ class Runner:
         progress: ProgressSink | None = None,
         stuck_after: float = STUCK_AFTER,
         accept_unseen_sharing: bool = False,
+        connect: Callable[[], Glance] | None = None,
     ) -> None:
         self.db = db
-        self.glance = glance
+        self.glance = glance  # the run's own: discovery, the sharing index, "does Glance answer at all?"
+        self.connect = connect  # each worker's connection (its own HTTP pool), when there are several
         self.run_row = run
         self.workers = max(1, workers)
         self.stuck_after = stuck_after
@@ -118,6 +120,11 @@ class Runner:
                 log.warning("could not renew leases: %s", e)
 
     def _worker(self) -> None:
+        try:
+            glance = self.connect() if self.connect is not None and self.workers > 1 else self.glance
+        except MigratorError as e:
+            self._fail_run(e)
+            return
         while not self.stop.is_set():
             try:
                 row = self.db.claim_next(self.run_row.id, self.owner, exclude=set())
@@ -127,7 +134,7 @@ class Runner:
                     continue
                 try:
                     self._show(row)
-                    self._process(row)
+                    self._process(row, glance)
                 except LeaseLost as e:
                     log.warning("%s: %s; leaving it to that runner", row.image_id, e)
                 finally:
@@ -162,12 +169,12 @@ class Runner:
                 log.error("stopping the run: %s", error)
         self.stop.set()
 
-    def _process(self, row: ImageRow) -> None:
+    def _process(self, row: ImageRow, glance: Glance) -> None:
         strategy = Strategy(row.strategy)
         steps = steps_for(strategy)
         spool = Spool(Path(self.run_row.spool_dir)) if self.run_row.spool_dir else None
         ctx = StepContext(
-            self.glance,
+            glance,
             self.run_row.from_store,
             self.run_row.to_store,
             self.stop,

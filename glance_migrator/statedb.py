@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 30_000
 LEASE_TTL: Final = timedelta(seconds=60)  # a runner renews its leases every LEASE_TTL / 4
+POOL_SIZE: Final = 64 + 4  # connections: one per worker (--workers 64 at most), the heartbeat, the main thread
+POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (BusyError, resumable)
 READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
 
 
@@ -450,11 +452,12 @@ def _lease_free(row: ImageRow, now: datetime) -> bool:
 
 
 def _make_engine(url: str, readonly: bool = False) -> Engine:
+    pool = {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT}
     if not url.startswith("sqlite"):
-        return sa.create_engine(url)
+        return sa.create_engine(url, **pool)
     if readonly:  # an immutable file: no WAL, no locks, no writes
-        return sa.create_engine(url, connect_args={"check_same_thread": False})
-    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+        return sa.create_engine(url, connect_args={"check_same_thread": False}, **pool)
+    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, **pool)
 
     @sa_event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -516,3 +519,8 @@ def _db_errors(url: str) -> Iterator[None]:
     except sa_exc.DatabaseError as e:
         reason = str(e.orig) if e.orig else str(e)
         raise StateDBError(f"state DB {url} is unusable ({reason}); it was not modified") from e
+    except sa_exc.TimeoutError as e:  # every pooled connection busy for POOL_TIMEOUT s
+        raise StateDBError(
+            f"state DB {url}: no free connection for {POOL_TIMEOUT:.0f} s ({POOL_SIZE} in use): the DB is too slow "
+            "for this many workers; run again with fewer --workers"
+        ) from e

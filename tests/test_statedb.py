@@ -127,3 +127,21 @@ def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(tmp_path: Path) -
         assert {"ix_images_claim", "ix_images_lease_owner"} <= indexes
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     db.close()
+
+
+def test_running_out_of_connections_is_a_state_db_error_not_an_internal_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from glance_migrator import statedb  # noqa: PLC0415
+
+    monkeypatch.setattr(statedb, "POOL_SIZE", 2)
+    monkeypatch.setattr(statedb, "POOL_TIMEOUT", 0.2)
+    db = StateDB.open(str(tmp_path / "state.db"))
+    held = [db.engine.connect() for _ in range(2)]  # every connection busy, as with too many workers
+    try:
+        with pytest.raises(StateDBError, match=r"no free connection for 0 s \(2 in use\).*fewer --workers"):
+            db.has_runs()
+    finally:
+        for conn in held:
+            conn.close()
+        db.close()
