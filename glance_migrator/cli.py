@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from glance_migrator import __version__, commands, render
+from glance_migrator.bandwidth import Bandwidth
 from glance_migrator.discovery import Filters, Order
 from glance_migrator.errors import EXIT_OK, Aborted, MigratorError, UsageError
 from glance_migrator.glance import READ_TIMEOUT, Glance, RedactingFilter
@@ -49,6 +50,16 @@ ServiceCloudOption = Annotated[
         help="A cloud in clouds.yaml whose user has the service role (e.g. Glance's own). Glance 30.1-31 show an "
         "image's locations, when show_multiple_locations = False, only to a service token: this one goes with "
         "GET /v2/images/ID/locations, so the sharing check can see them. Glance 32 and later show them to admin.",
+    ),
+]
+BwlimitOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bwlimit",
+        envvar="GLANCE_MIGRATOR_BWLIMIT",
+        help="location-swap: at most this many bytes per second (K, M, G: powers of 1024, e.g. 100M) read from "
+        "Glance and as many written to it, shared by every worker. copy-image's bytes move inside Glance: "
+        "there --workers bounds how many copies Glance stages at once.",
     ),
 ]
 TimeoutOption = Annotated[
@@ -90,6 +101,15 @@ class StrategyChoice(StrEnum):
 
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bandwidth(bwlimit: str | None) -> Bandwidth | None:
+    rate = parse_size(bwlimit, "--bwlimit")
+    if rate is None:
+        return None
+    if rate <= 0:
+        raise UsageError(f"--bwlimit {bwlimit!r}: give a positive number of bytes per second, e.g. 100M")
+    return Bandwidth(rate)
 
 
 def parse_size(text: str | None, option: str) -> int | None:
@@ -223,12 +243,14 @@ def run(
     db: DbOption = None,
     os_cloud: CloudOption = None,
     service_cloud: ServiceCloudOption = None,
+    bwlimit: BwlimitOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Discover images and migrate them; --resume continues after a crash or Ctrl-C.
 
     Example: glance-migrator run --from-store file --to-store ceph --workers 4
     """
+    bandwidth = _bandwidth(bwlimit)
     chosen = None if strategy == StrategyChoice.AUTO else Strategy(strategy.value)
     filters = Filters(
         owners=tuple(owner or ()),
@@ -246,7 +268,7 @@ def run(
         if resume:
             raise UsageError("--dry-run plans a new run; it cannot be combined with --resume")
         the_plan = commands.plan(
-            lambda: Glance.connect(os_cloud, timeout, service_cloud),
+            lambda: Glance.connect(os_cloud, timeout, service_cloud, bandwidth),
             from_store=from_store,
             to_store=to_store,
             image_ids=image or [],
@@ -261,7 +283,7 @@ def run(
     with _live_progress() as live:
         rep = commands.run_migration(
             state,
-            lambda: Glance.connect(os_cloud, timeout, service_cloud),
+            lambda: Glance.connect(os_cloud, timeout, service_cloud, bandwidth),
             from_store=from_store,
             to_store=to_store,
             image_ids=image or [],
@@ -369,15 +391,17 @@ def retry(
     db: DbOption = None,
     os_cloud: CloudOption = None,
     service_cloud: ServiceCloudOption = None,
+    bwlimit: BwlimitOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
 ) -> None:
     """Re-queue failed images from the step where they failed, then migrate them.
 
     Example: glance-migrator retry 3f1c0e2a-8a7b-4c55-9d40-0d3c1f7b2a11
     """
+    bandwidth = _bandwidth(bwlimit)
     rep = commands.retry(
         StateDB.open(db),
-        lambda: Glance.connect(os_cloud, timeout, service_cloud),
+        lambda: Glance.connect(os_cloud, timeout, service_cloud, bandwidth),
         image or [],
         all_failed=all_failed,
         run_id=run_id,

@@ -29,6 +29,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from glance_migrator.bandwidth import DOWN, Bandwidth
 from glance_migrator.errors import CloudError
 
 log = logging.getLogger(__name__)
@@ -197,19 +198,27 @@ class Glance:
         cloud: str | None = None,
         read_timeout: float = READ_TIMEOUT,
         service: openstack.connection.Connection | None = None,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self.conn = conn
         self.cloud = cloud
         self.timeout = (CONNECT_TIMEOUT, read_timeout)  # a silent Glance is given up on, then retried
         self.service = service  # --service-cloud: its token goes with the locations API (Glance 30.1-31)
+        self.bandwidth = bandwidth  # --bwlimit: image data read and written within it
 
     @classmethod
-    def connect(cls, cloud: str | None, read_timeout: float = READ_TIMEOUT, service_cloud: str | None = None) -> Glance:
+    def connect(
+        cls,
+        cloud: str | None,
+        read_timeout: float = READ_TIMEOUT,
+        service_cloud: str | None = None,
+        bandwidth: Bandwidth | None = None,
+    ) -> Glance:
         """Connect like the openstack CLI (--os-cloud, OS_CLOUD, clouds.yaml, OS_* variables) and authenticate;
         `service_cloud` too, if given (a clouds.yaml cloud whose user has the service role)."""
         conn = _connect(cloud, "")
         service = _connect(service_cloud, f"--service-cloud {service_cloud}: ") if service_cloud else None
-        return cls(conn, cloud or getattr(conn.config, "name", None), read_timeout, service)
+        return cls(conn, cloud or getattr(conn.config, "name", None), read_timeout, service, bandwidth)
 
     def roles(self) -> set[str]:
         auth = self.conn.session.auth
@@ -422,6 +431,8 @@ class Glance:
             data = b""
         if store:
             headers["X-Image-Meta-Store"] = store
+        if self.bandwidth is not None and size:
+            data = self.bandwidth.reader(data, size)
         # A stream is consumed as it is sent: neither we nor keystoneauth (which by default resends on a
         # 503 or a connection error) may send it twice. The caller makes a fresh copy and starts over.
         self._call(
@@ -443,7 +454,7 @@ class Glance:
             response.close()
             raise GlanceHTTPError(204, "GET", f"/images/{image_id}/file", "no data: its store no longer holds it")
         try:
-            yield _body(response)
+            yield _body(response) if self.bandwidth is None else self.bandwidth.chunks(DOWN, _body(response))
         finally:
             response.close()
 

@@ -90,6 +90,8 @@ def test_bad_image_argument_is_refused_and_changes_nothing(
         (["--from-store", "gone", "--to-store", "new"], "--from-store 'gone': Glance has no such store"),
         (["--from-store", "old", "--to-store", "old"], "both 'old'"),
         (["--from-store", "old"], "--from-store and --to-store are required"),
+        (["--from-store", "old", "--to-store", "new", "--bwlimit", "0"], "--bwlimit '0': give a positive number"),
+        (["--from-store", "old", "--to-store", "new", "--bwlimit", "fast"], "--bwlimit"),
     ],
 )
 def test_bad_stores_are_refused_before_anything_changes(

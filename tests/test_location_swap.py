@@ -72,7 +72,7 @@ def test_location_swap_moves_a_dozen_images(
     spool = tmp_path / "spool"
     mode = ["--spool-dir", str(spool)] if spooled else ["--no-spool"]
     proc = cli("run", "--from-store", "old", "--to-store", target, "--strategy", "location-swap", *_select(images),
-               *mode, "--db", str(tmp_path / "state.db"), "--workers", "2", env=env)  # fmt: skip
+               *mode, "--db", str(tmp_path / "state.db"), "--workers", "2", "--bwlimit", "64M", env=env)  # fmt: skip
     assert proc.returncode == EXIT_OK, proc.stderr
     for seeded in images:
         assert_swapped(conn, full_lab, seeded, "old", target)
