@@ -1,0 +1,126 @@
+"""The state DB at scale: taking the next image and `status`, at 1,000 to 1,000,000 images.
+
+    .venv/bin/python -m benchmarks.statedb [--rows 1000,100000,1000000] [--out benchmarks/results-statedb.md]
+
+No lab: for each size it writes a state DB holding one run of that many pending images (bulk inserts), then
+measures, each against the smallest size in the same run:
+- claim: the mean time of 50 `claim_next` calls (each takes a lease and commits), in this process;
+- status, status --json: the CLI as a separate process, wall time and peak RSS (wait4()).
+Targets (issue 11): claim within 2x from 1,000 to 1,000,000 rows; status under 1 s at 100,000 rows.
+A measurement, not a test: nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from glance_migrator.models import ImageRow, Run
+from glance_migrator.state import State, Strategy
+from glance_migrator.statedb import LeaseOwner, StateDB
+from tests.glancetools import CLI
+
+HERE = Path(__file__).resolve().parent
+CLAIMS = 50
+
+
+def build(path: Path, rows: int) -> int:
+    db = StateDB.open(str(path))
+    with db.session() as s:
+        run = Run(from_store="old", to_store="new", strategy=str(Strategy.COPY_IMAGE))
+        s.add(run)
+        s.flush()
+        run_id = run.id
+    for start in range(0, rows, 50_000):
+        with db.session() as s:
+            s.execute(
+                sa.insert(ImageRow),
+                [
+                    {"run_id": run_id, "image_id": str(uuid.UUID(int=i + 1)), "name": f"image-{i}", "status": "active",
+                     "size": 1 << 30, "stores": "old", "strategy": str(Strategy.COPY_IMAGE),
+                     "state": str(State.PENDING), "position": i, "attempts": 0, "os_hidden": False}
+                    for i in range(start, min(rows, start + 50_000))
+                ],
+            )  # fmt: skip
+    db.close()
+    return run_id
+
+
+def claim_ms(path: Path, run_id: int) -> float:
+    db = StateDB.open(str(path))
+    me = LeaseOwner.me()
+    t0 = time.perf_counter()
+    for _ in range(CLAIMS):
+        assert db.claim_next(run_id, me, set()) is not None
+    took = (time.perf_counter() - t0) / CLAIMS * 1000
+    db.close()
+    return took
+
+
+def cli(path: Path, *args: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of `glance-migrator ARGS --db path`."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([*CLI, *args, "--db", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        why = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"glance-migrator {' '.join(args)} failed: {why}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1000,100000,1000000", help="run sizes, comma-separated")
+    parser.add_argument("--out", type=Path, default=HERE / "results-statedb.md", help="Markdown report")
+    args = parser.parse_args()
+    sizes = sorted(int(n) for n in args.rows.split(","))
+    root = Path(tempfile.mkdtemp(prefix="glance-migrator-statedb-bench-"))
+    started, results = dt.datetime.now(dt.UTC), []
+    try:
+        for rows in sizes:
+            path = root / f"state-{rows}.db"
+            print(f"statedb bench: {rows} rows: writing", file=sys.stderr)
+            run_id = build(path, rows)
+            status, json_ = cli(path, "status"), cli(path, "status", "--json")
+            results.append((rows, claim_ms(path, run_id), *status, *json_))
+            print(f"statedb bench: {rows} rows: {results[-1]}", file=sys.stderr)
+            path.unlink()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    base = results[0]
+    lines = [
+        "# glance-migrator benchmark: the state DB at scale",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        f"- 1-min load average after the run: {os.getloadavg()[0]:.2f}",
+        "- command: `.venv/bin/python -m benchmarks.statedb " + f"--rows {','.join(map(str, sizes))}`",
+        "",
+        f"claim = mean of {CLAIMS} `claim_next` calls (lease taken and committed); status = `glance-migrator status` "
+        "as a process; ratios against the smallest run.",
+        "",
+        "| images | claim ms | claim ratio | status s | status ratio | status MiB | status --json s | --json MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rows, claim, st_s, st_mib, js_s, js_mib in results:
+        lines.append(
+            f"| {rows:,} | {claim:.2f} | {claim / base[1]:.2f} | {st_s:.2f} | {st_s / base[2]:.2f} | {st_mib:.0f} "
+            f"| {js_s:.2f} | {js_mib:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
