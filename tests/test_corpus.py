@@ -15,7 +15,7 @@ import pytest
 from openstack.connection import Connection
 
 from tests import corpus
-from tests.glancetools import delete_all_images, download_sha512, raw_image, seed_image
+from tests.glancetools import delete_all_images, download_sha512, raw_image, seed_image, wait_for
 from tests.lab import Lab
 
 
@@ -209,11 +209,17 @@ def test_format_mismatch_image_glance_now_refuses_and_will_not_copy(lab: Lab, co
     # ... and a copy-image to another store now fails on the same check
     image = _copy_outcome(conn, seeded.id)
     assert image["os_glance_failed_import"] == "new" and image["stores"] == "old"
-    (task,) = conn.image.get(f"/images/{seeded.id}/tasks").json()["tasks"]
+    # Glance marks the image (os_glance_failed_import) a moment before it ends the task: wait for that
+    assert wait_for(lambda: _tasks(conn, seeded.id)[0]["status"] != "processing", timeout=30)
+    (task,) = _tasks(conn, seeded.id)
     assert task["status"] == "failure"  # its message: "Task failed due to Internal Error"; the cause is logged
     # a raw image holding a real qcow2 is accepted with the checks on (Glance only logs a warning)
     qcow2_as_raw = seed_image(conn, "qcow2-as-raw", corpus.QCOW2_HEADER + bytes(4096 - len(corpus.QCOW2_HEADER)))
     assert _image(conn, qcow2_as_raw.id)["status"] == "active"
+
+
+def _tasks(conn: Connection, image_id: str) -> list[dict[str, Any]]:
+    return list(conn.image.get(f"/images/{image_id}/tasks").json()["tasks"])
 
 
 def _copy_outcome(conn: Connection, image_id: str) -> dict[str, Any]:
