@@ -39,7 +39,7 @@ SQLITE_HEADER: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 30_000
 LEASE_TTL: Final = timedelta(seconds=60)  # a runner renews its leases every LEASE_TTL / 4
 POOL_SIZE: Final = 64 + 4  # connections: one per worker (--workers 64 at most), the heartbeat, the main thread
-POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (BusyError, resumable)
+POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (StateDBError, resumable)
 READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
 
 
@@ -100,7 +100,8 @@ class StateDB:
         self.url = url
         self.engine = _make_engine(url, readonly)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._reads = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+        self._read_engine = self.engine.execution_options(**{READ_ONLY: True})  # deferred BEGIN: no write lock
+        self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @classmethod
     def open(cls, db: str | None, readonly: bool = False) -> StateDB:
@@ -149,7 +150,7 @@ class StateDB:
         config = _alembic_config()
         with _db_errors(self.url):
             scripts = ScriptDirectory.from_config(config)
-            with self.engine.execution_options(**{READ_ONLY: True}).begin() as conn:  # the usual case: no lock
+            with self._read_engine.begin() as conn:  # the usual case, up to date: no lock
                 if MigrationContext.configure(conn).get_current_heads() == (scripts.get_current_head(),):
                     return
             with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one upgrader at a time
@@ -249,11 +250,7 @@ class StateDB:
     # -- images ------------------------------------------------------------------------------------
 
     def images(self, run_id: int, states: Sequence[State] | None = None) -> list[ImageRow]:
-        with self.reading() as s:
-            query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.position, ImageRow.image_id)
-            if states is not None:
-                query = query.where(ImageRow.state.in_([str(st) for st in states]))
-            return list(s.scalars(query))
+        return list(self.iter_images(run_id, states))
 
     def iter_images(self, run_id: int, states: Sequence[State] | None = None, batch: int = 1000) -> Iterator[ImageRow]:
         """The run's images in run order, read in batches from one snapshot: memory stays flat at any size."""
