@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
@@ -22,8 +23,10 @@ from glance_migrator.errors import EXIT_OK, Aborted, MigratorError, UsageError
 from glance_migrator.glance import READ_TIMEOUT, Glance, RedactingFilter
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
-from glance_migrator.statedb import StateDB, default_db_path
+from glance_migrator.statedb import LEASE_TTL, StateDB, default_db_path
 from glance_migrator.strategies import STUCK_AFTER
+
+LEASE_SECONDS = LEASE_TTL.total_seconds()
 
 app = typer.Typer(
     name="glance-migrator",
@@ -36,7 +39,22 @@ app = typer.Typer(
 
 DbOption = Annotated[
     str | None,
-    typer.Option("--db", help=f"State DB: a path or a SQLAlchemy URL. Default: {default_db_path()}"),
+    typer.Option(
+        "--db",
+        envvar="GLANCE_MIGRATOR_DB",
+        help="State DB: a SQLite file's path, or a SQLAlchemy URL: postgresql+psycopg://USER@HOST/DB for one "
+        "migration shared by several hosts. @FILE reads it from that file, so a password stays off the command "
+        f"line (or leave it out: PGPASSWORD and ~/.pgpass work). Default: {default_db_path()}",
+    ),
+]
+LeaseTtlOption = Annotated[
+    float,
+    typer.Option(
+        "--lease-ttl",
+        min=5,
+        help="Seconds a runner may go silent (a frozen host, a cut network) before other runners of the same "
+        "state DB take over the images it holds. Each runner renews its leases every quarter of it.",
+    ),
 ]
 CloudOption = Annotated[
     str | None,
@@ -245,8 +263,10 @@ def run(
     service_cloud: ServiceCloudOption = None,
     bwlimit: BwlimitOption = None,
     timeout: TimeoutOption = READ_TIMEOUT,
+    lease_ttl: LeaseTtlOption = LEASE_SECONDS,
 ) -> None:
-    """Discover images and migrate them; --resume continues after a crash or Ctrl-C.
+    """Discover images and migrate them; --resume continues after a crash or Ctrl-C, or joins a run that
+    runners on other hosts are working on (a shared PostgreSQL state DB).
 
     Example: glance-migrator run --from-store file --to-store ceph --workers 4
     """
@@ -280,6 +300,7 @@ def run(
         render.print_plan(the_plan)
         return
     state = StateDB.open(db)
+    state.lease_ttl = timedelta(seconds=lease_ttl)
     with _live_progress() as live:
         rep = commands.run_migration(
             state,

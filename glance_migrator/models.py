@@ -88,8 +88,10 @@ class ImageRow(Base):
     after_size: Mapped[int | None] = mapped_column(BigInteger)
     # location-swap: the second image B that now shares its data object with this one.
     copy_image_id: Mapped[str | None] = mapped_column(String(36))
-    # The runner working on this image, and until when its claim holds without a heartbeat.
+    # The worker on this image (host:pid:worker:token), since when, and until when its claim holds without a
+    # heartbeat (statedb.py: the leases).
     lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_since: Mapped[datetime | None] = mapped_column(DateTime)
     lease_expires: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

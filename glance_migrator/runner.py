@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +31,7 @@ from glance_migrator.models import ImageRow, Run
 from glance_migrator.sharing import SHARED, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
-from glance_migrator.statedb import LEASE_TTL, LeaseLost, LeaseOwner, StateDB
+from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB
 from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,35 @@ class ProgressSink(Protocol):
     def start(self, rows: list[ImageRow]) -> None: ...
 
     def update(self, worker: str, row: ImageRow | None) -> None: ...  # None: the worker is idle
+
+
+class WorkerLease:
+    """One worker's lease on the image it works on. The run's heartbeat renews it; the worker checks it before
+    each step and while it waits on Glance, so a worker whose process was paused past the lease (Ctrl-Z, a frozen
+    VM) finds out from the DB that another worker took the image over, and lets go before doing anything more."""
+
+    def __init__(self, db: StateDB, row: ImageRow, owner: LeaseOwner) -> None:
+        self.db, self.run_id, self.image_id, self.owner = db, row.run_id, row.image_id, owner
+        self.renewed = time.monotonic()  # when the DB last confirmed it ours (the claim, a heartbeat, a check)
+        self.lost: str | None = None  # why, once the DB said it is someone else's
+
+    def renew(self) -> None:
+        """Renew it in the DB (LeaseLost when it is someone else's now)."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+        try:
+            self.db.hold(self.run_id, self.image_id, self.owner)
+        except LeaseLost as e:
+            self.lost = str(e)
+            raise
+        self.renewed = time.monotonic()
+
+    def check(self) -> None:
+        """Cheap while the heartbeat keeps it fresh; asks the DB once a renewal is overdue (we were paused)."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+        if time.monotonic() - self.renewed > self.db.lease_ttl.total_seconds() / 2:
+            self.renew()
 
 
 class Runner:
@@ -75,6 +105,7 @@ class Runner:
         self.fatal: MigratorError | None = None
         self._waiting_logged = False
         self._lock = threading.Lock()
+        self._leases: dict[str, WorkerLease] = {}  # worker name -> the lease it holds now
         self.progress = progress
         self.legacy = glance.stores() is None
         self.shared = SharedData(glance, run.from_store, self.legacy, accept_unseen_sharing)
@@ -113,13 +144,20 @@ class Runner:
             raise self.fatal
 
     def _heartbeat(self, done: threading.Event) -> None:
-        while not done.wait(LEASE_TTL.total_seconds() / 4):
-            try:
-                self.db.renew_leases(self.owner)
-            except MigratorError as e:
-                log.warning("could not renew leases: %s", e)
+        while not done.wait(self.db.lease_ttl.total_seconds() / 4):
+            with self._lock:
+                leases = list(self._leases.values())
+            for lease in leases:
+                try:
+                    lease.renew()
+                except LeaseLost as e:
+                    log.warning("%s: %s; its worker lets go", lease.image_id, e)
+                except MigratorError as e:
+                    log.warning("could not renew the lease on %s: %s", lease.image_id, e)
 
     def _worker(self) -> None:
+        name = threading.current_thread().name
+        owner = self.owner.of_worker(name)
         try:
             glance = self.connect() if self.connect is not None and self.workers > 1 else self.glance
         except MigratorError as e:
@@ -127,18 +165,23 @@ class Runner:
             return
         while not self.stop.is_set():
             try:
-                row = self.db.claim_next(self.run_row.id, self.owner, exclude=set())
+                row = self.db.claim_next(self.run_row.id, owner, exclude=set())
                 if row is None:
                     if not self._wait_for_others():
                         return
                     continue
+                lease = WorkerLease(self.db, row, owner)
+                with self._lock:
+                    self._leases[name] = lease
                 try:
                     self._show(row)
-                    self._process(row, glance)
+                    self._process(row, glance, lease)
                 except LeaseLost as e:
-                    log.warning("%s: %s; leaving it to that runner", row.image_id, e)
+                    log.warning("%s: %s; leaving it to that worker", row.image_id, e)
                 finally:
-                    self.db.release(row.run_id, row.image_id, self.owner)
+                    with self._lock:
+                        self._leases.pop(name, None)
+                    self.db.release(row.run_id, row.image_id, owner)
                     self._show(None)
             except MigratorError as e:
                 self._fail_run(e)
@@ -169,7 +212,7 @@ class Runner:
                 log.error("stopping the run: %s", error)
         self.stop.set()
 
-    def _process(self, row: ImageRow, glance: Glance) -> None:
+    def _process(self, row: ImageRow, glance: Glance, lease: WorkerLease) -> None:
         strategy = Strategy(row.strategy)
         steps = steps_for(strategy)
         spool = Spool(Path(self.run_row.spool_dir)) if self.run_row.spool_dir else None
@@ -182,6 +225,7 @@ class Runner:
             spool=spool,
             legacy=self.legacy,
             stuck_after=self.stuck_after,
+            lease=lease.check,
         )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"
@@ -190,6 +234,7 @@ class Runner:
             target = next_state(strategy, State(row.state))
             if target is None:  # a state outside this strategy's path: a bug or a hand-edited DB
                 raise MigratorError(f"image {row.image_id}: state {row.state} has no next step for {strategy}")
+            lease.check()  # still ours (asks the DB when the heartbeat has not confirmed it lately) before a step acts
             try:
                 result = steps[target](ctx, row)
             except Interrupted:
@@ -237,7 +282,12 @@ class Runner:
                 return
 
     def _record(self, row: ImageRow, target: State, message: str, **fields: object) -> ImageRow:
-        row = self.db.transition(row.run_id, row.image_id, target, message, owner=self.owner, **fields)
+        name = threading.current_thread().name
+        row = self.db.transition(row.run_id, row.image_id, target, message, owner=self.owner.of_worker(name), **fields)
+        with self._lock:
+            lease = self._leases.get(name)
+        if lease is not None:
+            lease.renewed = time.monotonic()  # the transition renewed it, under its row lock
         self._show(row)
         return row
 

@@ -7,6 +7,7 @@ and a lease claim (select a free image, then mark it ours) is atomic between pro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -41,14 +42,26 @@ LEASE_TTL: Final = timedelta(seconds=60)  # a runner renews its leases every LEA
 POOL_SIZE: Final = 64 + 4  # connections: one per worker (--workers 64 at most), the heartbeat, the main thread
 POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (StateDBError, resumable)
 READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
+UPGRADE_LOCK: Final = 0x676D5F7570  # PostgreSQL advisory lock key ("gm_up"): hosts starting at once upgrade in turn
 
 
 def default_db_path() -> Path:
     return platformdirs.user_data_path("glance-migrator") / "state.db"
 
 
+def redact(url: str) -> str:
+    """The URL as logs, status and errors show it: any password replaced by ***."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return url
+
+
 def db_url(db: str | None) -> str:
-    """`--db` takes a path or a SQLAlchemy URL; nothing means the file in the user's data dir."""
+    """`--db` takes a path or a SQLAlchemy URL, or @FILE holding one; nothing means the file in the user's data
+    dir."""
+    if db and db.startswith("@"):
+        db = _read_url_file(Path(db[1:]).expanduser())
     if db and "://" in db:
         return db
     path = Path(db).expanduser() if db else default_db_path()
@@ -57,24 +70,32 @@ def db_url(db: str | None) -> str:
 
 @dataclass(frozen=True)
 class LeaseOwner:
-    """Who holds a lease: host and pid let a runner on the same host take over at once from a dead one."""
+    """Who holds a lease: one worker (thread) of one runner process on one host. Host and pid let a runner on the
+    same host take over at once from a dead one; the worker keeps two threads of one process off one image."""
 
     host: str
     pid: int
-    token: str
+    token: str  # one per runner process: a new process with a recycled pid is someone else
+    worker: str = "main"
 
     @classmethod
     def me(cls) -> LeaseOwner:
         return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
 
+    def of_worker(self, worker: str) -> LeaseOwner:
+        return dataclasses.replace(self, worker=worker)
+
     def __str__(self) -> str:
-        return f"{self.host}:{self.pid}:{self.token}"
+        return f"{self.host}:{self.pid}:{self.worker}:{self.token}"
 
     @classmethod
     def parse(cls, text: str) -> LeaseOwner | None:
+        parts = text.rsplit(":", 3)
+        if len(parts) == 3:  # written before leases were per worker: host:pid:token
+            parts.insert(2, "main")
         try:
-            host, pid, token = text.rsplit(":", 2)
-            return cls(host, int(pid), token)
+            host, pid, worker, token = parts
+            return cls(host, int(pid), token, worker)
         except ValueError:
             return None
 
@@ -91,16 +112,38 @@ class LeaseOwner:
         return False
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A lease as `status` shows it: who holds which image, since when, until when (DB clock)."""
+
+    image_id: str
+    name: str | None
+    state: str
+    holder: LeaseOwner | None
+    raw_owner: str
+    since: datetime | None
+    expires: datetime | None
+    now: datetime
+
+    @property
+    def stale(self) -> bool:
+        """Lapsed (its runner stopped renewing it) or held by a process of this host that is gone."""
+        return self.expires is None or self.expires < self.now or (self.holder is not None and self.holder.is_dead())
+
+
 class LeaseLost(Exception):
     """Our lease on an image was taken over (we stalled past its expiry); stop working on it."""
 
 
 class StateDB:
     def __init__(self, url: str, readonly: bool = False) -> None:
-        self.url = url
+        self.url = redact(url)  # what messages show: never a password
         self.engine = _make_engine(url, readonly)
+        self.lease_ttl = LEASE_TTL  # what this process's claims promise (run --lease-ttl)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_engine = self.engine.execution_options(**{READ_ONLY: True})  # deferred BEGIN: no write lock
+        # SQLite: a deferred BEGIN, no write lock; PostgreSQL: a read-only transaction
+        read_only = {"postgresql_readonly": True} if self.engine.dialect.name == "postgresql" else {}
+        self._read_engine = self.engine.execution_options(**{READ_ONLY: True}, **read_only)
         self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @classmethod
@@ -153,7 +196,9 @@ class StateDB:
             with self._read_engine.begin() as conn:  # the usual case, up to date: no lock
                 if MigrationContext.configure(conn).get_current_heads() == (scripts.get_current_head(),):
                     return
-            with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one upgrader at a time
+            with self.engine.begin() as conn:  # BEGIN IMMEDIATE (SQLite), an advisory lock: one upgrader at a time
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(UPGRADE_LOCK)))
                 current = MigrationContext.configure(conn).get_current_heads()
                 known = {rev.revision for rev in scripts.walk_revisions()}
                 newer = [rev for rev in current if rev not in known]
@@ -286,37 +331,59 @@ class StateDB:
                 query = query.where(Event.image_id == image_id)
             return list(s.scalars(query))
 
-    # -- leases ------------------------------------------------------------------------------------
+    # -- leases ----------------------------------------------------------------------------------
+    #
+    # A lease is one worker's claim on one image until lease_expires, renewed by its runner's heartbeat. Times are
+    # the DB's clock where it has one (PostgreSQL: hosts whose clocks disagree still agree on who holds what).
+    # Every claim and every write under a lease locks the image's row: on PostgreSQL with SELECT ... FOR UPDATE (a
+    # claim skips rows other claimers have locked: SKIP LOCKED), on SQLite by BEGIN IMMEDIATE (one writer).
+
+    def _now(self, s: Session) -> datetime:
+        if self.engine.dialect.name == "postgresql":
+            return s.scalar(sa.select(sa.func.timezone("UTC", sa.func.now()))) or utcnow()
+        return utcnow()
 
     def claim_next(self, run_id: int, owner: LeaseOwner, exclude: set[str]) -> ImageRow | None:
         """Take the lease on the next unfinished image nobody live holds; None when none is free.
 
         Two reads that do not grow with the run: the first free row of the claim index (it skips only the rows
-        other workers hold), and the rows leased now (one per worker), for a holder on this host that died.
+        other workers hold, or lock), and the rows leased now (one per worker), for a holder on this host that died.
         """
-        now = utcnow()
         with self.session() as s:
+            now = self._now(s)
             lapsed = sa.or_(
                 ImageRow.lease_owner.is_(None), ImageRow.lease_expires.is_(None), ImageRow.lease_expires < now
             )
             free = s.scalars(
-                self._unfinished(run_id, exclude).where(lapsed).order_by(ImageRow.position, ImageRow.image_id).limit(1)
+                self._unfinished(run_id, exclude)
+                .where(lapsed)
+                .order_by(ImageRow.position, ImageRow.image_id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
-            orphans = [
-                row
-                for row in s.scalars(
-                    self._unfinished(run_id, exclude).where(
-                        ImageRow.lease_owner.is_not(None), ImageRow.lease_expires >= now
+            orphans = sorted(
+                (
+                    row
+                    for row in s.scalars(
+                        self._unfinished(run_id, exclude).where(
+                            ImageRow.lease_owner.is_not(None), ImageRow.lease_expires >= now
+                        )
                     )
-                )
-                if _lease_free(row, now)  # held by a process of this host that is gone
-            ]
-            candidates: list[ImageRow] = [row for row in (free, *orphans) if row is not None]
-            if not candidates:
+                    if _lease_free(row, now)  # held by a process of this host that is gone
+                ),
+                key=_run_order,
+            )
+            row: ImageRow | None = free
+            if orphans and (free is None or _run_order(orphans[0]) < _run_order(free)):
+                held = orphans[0].lease_owner
+                locked = s.get(ImageRow, (run_id, orphans[0].image_id), with_for_update={"skip_locked": True})
+                if locked is not None and locked.lease_owner == held:  # nobody took it meanwhile
+                    row = locked
+            if row is None:
                 return None
-            row = min(candidates, key=lambda r: (r.position if r.position is not None else -1, r.image_id))
             row.lease_owner = str(owner)
-            row.lease_expires = now + LEASE_TTL
+            row.lease_since = now
+            row.lease_expires = now + self.lease_ttl
             row.started_at = row.started_at or now
             return row
 
@@ -328,20 +395,48 @@ class StateDB:
     def leased_by_others(self, run_id: int, owner: LeaseOwner) -> list[ImageRow]:
         """Unfinished images whose lease another live runner holds (what a second runner waits for): the leased
         rows only, read through their index."""
-        now = utcnow()
         with self.reading() as s:
+            now = self._now(s)
             leased = s.scalars(
                 self._unfinished(run_id, set()).where(
-                    ImageRow.lease_owner.is_not(None), ImageRow.lease_owner != str(owner), ImageRow.lease_expires >= now
+                    ImageRow.lease_owner.is_not(None),
+                    ImageRow.lease_owner.not_like(f"{owner.host}:{owner.pid}:%:{owner.token}"),
+                    ImageRow.lease_expires >= now,
                 )
             )
             return [row for row in leased if not _lease_free(row, now)]
 
-    def renew_leases(self, owner: LeaseOwner) -> None:
-        with self.session() as s:
-            s.execute(
-                sa.update(ImageRow).where(ImageRow.lease_owner == str(owner)).values(lease_expires=utcnow() + LEASE_TTL)
+    def leases(self, run_id: int) -> list[Lease]:
+        """Every lease on an unfinished image of the run (a few: one per worker, plus stale ones), in run order."""
+        with self.reading() as s:
+            now = self._now(s)
+            rows = s.scalars(
+                self._unfinished(run_id, set())
+                .where(ImageRow.lease_owner.is_not(None))
+                .order_by(ImageRow.position, ImageRow.image_id)
             )
+            return [
+                Lease(
+                    row.image_id,
+                    row.name,
+                    row.state,
+                    LeaseOwner.parse(row.lease_owner or ""),
+                    row.lease_owner or "",
+                    row.lease_since,
+                    row.lease_expires,
+                    now,
+                )
+                for row in rows
+            ]
+
+    def hold(self, run_id: int, image_id: str, owner: LeaseOwner) -> None:
+        """Renew our lease on an image, or raise LeaseLost when another worker holds it now (we stalled past
+        its expiry and it was taken over). A lapsed lease nobody took is ours again: nobody else worked on it."""
+        with self.session() as s:
+            row = s.get(ImageRow, (run_id, image_id), with_for_update=True)
+            if row is None or row.lease_owner != str(owner):
+                raise LeaseLost(f"lease on {image_id} now held by {row.lease_owner if row else 'nobody'}")
+            row.lease_expires = self._now(s) + self.lease_ttl
 
     def release(self, run_id: int, image_id: str, owner: LeaseOwner) -> None:
         with self.session() as s:
@@ -352,7 +447,7 @@ class StateDB:
                     ImageRow.image_id == image_id,
                     ImageRow.lease_owner == str(owner),
                 )
-                .values(lease_owner=None, lease_expires=None)
+                .values(lease_owner=None, lease_expires=None, lease_since=None)
             )
 
     # -- transitions -------------------------------------------------------------------------------
@@ -371,11 +466,13 @@ class StateDB:
         With `owner`, the write happens only while we still hold the image's lease.
         """
         with self.session() as s:
-            row = s.get(ImageRow, (run_id, image_id))
+            row = s.get(ImageRow, (run_id, image_id), with_for_update=True)  # no claim can slip in between
             if row is None:
                 raise UsageError(f"image {image_id} is not part of run {run_id}")
-            if owner is not None and row.lease_owner != str(owner):
-                raise LeaseLost(f"lease on {image_id} now held by {row.lease_owner}")
+            if owner is not None:
+                if row.lease_owner != str(owner):
+                    raise LeaseLost(f"lease on {image_id} now held by {row.lease_owner}")
+                row.lease_expires = self._now(s) + self.lease_ttl
             current = State(row.state)
             failed_at = State(row.failed_at) if row.failed_at else None
             check_transition(Strategy(row.strategy), current, target, failed_at)
@@ -388,7 +485,7 @@ class StateDB:
                 row.failed_at = row.error = row.error_kind = None
             if target in TERMINAL:  # finished: its lease goes in the same commit, so a kill right after leaves none
                 row.finished_at = utcnow()
-                row.lease_owner = row.lease_expires = None
+                row.lease_owner = row.lease_expires = row.lease_since = None
             s.add(
                 Event(
                     run_id=run_id,
@@ -431,6 +528,18 @@ class StateDB:
             )
 
 
+def _read_url_file(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UsageError(f"--db @{path}: cannot read it: {e.strerror}") from e
+    except UnicodeDecodeError:
+        raise UsageError(f"--db @{path}: not a text file holding a state DB URL or path") from None
+    if len(lines) != 1:
+        raise UsageError(f"--db @{path}: expected one line, the state DB's URL or path, found {len(lines)}")
+    return lines[0]
+
+
 def _alembic_config() -> Config:
     """Alembic's config for the migration scripts: glance_migrator/migrations in an installed wheel
     (pyproject.toml puts them there), the top-level migrations/ in a source tree."""
@@ -439,6 +548,10 @@ def _alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(installed if installed.is_dir() else package.parent / "migrations"))
     return config
+
+
+def _run_order(row: ImageRow) -> tuple[int, str]:
+    return (row.position if row.position is not None else -1, row.image_id)
 
 
 def _lease_free(row: ImageRow, now: datetime) -> bool:
@@ -450,8 +563,8 @@ def _lease_free(row: ImageRow, now: datetime) -> bool:
 
 def _make_engine(url: str, readonly: bool = False) -> Engine:
     pool = {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT}
-    if not url.startswith("sqlite"):
-        return sa.create_engine(url, **pool)
+    if not url.startswith("sqlite"):  # a server: a connection it dropped (restart, failover) is replaced, not used
+        return sa.create_engine(url, pool_pre_ping=True, **pool)
     if readonly:  # an immutable file: no WAL, no locks, no writes
         return sa.create_engine(url, connect_args={"check_same_thread": False}, **pool)
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, **pool)

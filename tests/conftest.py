@@ -6,6 +6,9 @@
 - `full_lab`: a second lab with stores old, new, s3 (SeaweedFS) and ceph (rbd on a single-node Ceph);
   started only when a test asks for it (~7 s). Without the Ceph packages it FAILS, naming the apt-get
   command: CI must not silently skip these tests.
+- `postgres`: a real PostgreSQL server (Debian's packages, tests/lab/postgres.py) on a free loopback port, one per
+  session, started when a test asks for it; `state_url`: a fresh state DB, once on SQLite and once on PostgreSQL
+  ([sqlite], [postgresql]) for the tests that take it.
 
 A lab's logs live under pytest's basetemp; their path is attached to each failure report. When a test
 failed or GLANCE_MIGRATOR_LAB_KEEP_LOGS is set, they are copied to $TMPDIR/glance-migrator-lab-logs-*
@@ -37,6 +40,7 @@ from tests.lab import (
     glance_release,
     missing_ceph_packages,
 )
+from tests.lab.postgres import Postgres
 
 _LABS = pytest.StashKey[dict[str, Lab]]()  # "lab" / "full_lab" (+ " glance30" ...) -> its lab, for failure reports
 
@@ -145,6 +149,26 @@ def full_admin_conn(_labs: _Labs, full_lab: Lab, glance: str) -> Connection:
 def full_env(full_lab: Lab) -> dict[str, str]:
     """The environment that points the CLI at full_lab's clouds.yaml (OS_CLOUD lab-admin)."""
     return dict(full_lab.env())
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A running PostgreSQL server; `postgres.create_database()` gives a fresh database's URL."""
+    server = Postgres(tmp_path_factory.mktemp("postgres"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A state DB that does not exist yet (SQLite) or is empty (PostgreSQL): what `--db` is given."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.db")
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.create_database()
 
 
 @pytest.hookimpl(wrapper=True)

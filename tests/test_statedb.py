@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from glance_migrator.errors import StateDBError
+from glance_migrator.errors import StateDBError, UsageError
 from glance_migrator.models import Base
 from glance_migrator.statedb import StateDB
+from tests.lab.postgres import Postgres
 
 
 def test_new_db_is_created_with_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
@@ -145,3 +148,68 @@ def test_running_out_of_connections_is_a_state_db_error_not_an_internal_one(
         for conn in held:
             conn.close()
         db.close()
+
+
+def test_postgresql_db_is_built_by_the_same_migrations_and_refuses_what_sqlite_refuses(postgres: Postgres) -> None:
+    """The Alembic scripts build the schema on PostgreSQL (models and migrations agree there too); a DB of a newer
+    glance-migrator, or of another program, is refused and left as it was."""
+    url = postgres.create_database()
+    db = StateDB.open(url)
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        claim = conn.exec_driver_sql("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_images_claim'").scalar()
+        assert claim and "WHERE" in claim, claim  # partial: unfinished rows only
+    db.close()
+    StateDB.open(url).close()  # up to date: a no-op
+    postgres.psql("UPDATE alembic_version SET version_num = '9999_from_the_future'", database=url.rsplit("/", 1)[1])
+    with pytest.raises(StateDBError, match="newer glance-migrator"):
+        StateDB.open(url)
+    other = postgres.create_database()
+    postgres.psql("CREATE TABLE customers (id INTEGER)", database=other.rsplit("/", 1)[1])
+    with pytest.raises(StateDBError, match="something else"):
+        StateDB.open(other)
+    tables = postgres.psql(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", database=other.rsplit("/", 1)[1]
+    )
+    assert tables.stdout.split() == ["customers"]
+
+
+def test_several_hosts_opening_a_new_postgresql_db_at_once_build_it_once(postgres: Postgres) -> None:
+    url = postgres.create_database()
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            StateDB.open(url).close()
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_password_in_the_db_url_is_never_shown(postgres: Postgres, tmp_path: Path) -> None:
+    """In errors and in the URL the tool shows; `--db @FILE` reads the URL from a file (off the command line)."""
+    url = postgres.create_database().replace("glance_migrator@", "glance_migrator:s3cr3t-pw@")
+    db = StateDB.open(url)  # trust auth: the server ignores the password
+    assert "s3cr3t-pw" not in db.url and "***" in db.url
+    db.close()
+    unreachable = url.replace(f":{postgres.port}/", f":{_closed_port()}/")
+    with pytest.raises(StateDBError) as failed:
+        StateDB.open(unreachable)
+    assert "s3cr3t-pw" not in str(failed.value) and "***" in str(failed.value)
+    url_file = tmp_path / "db-url"
+    url_file.write_text(url + "\n")
+    assert StateDB.open(f"@{url_file}").url == db.url
+    with pytest.raises(UsageError, match="cannot read it"):
+        StateDB.open(f"@{tmp_path / 'missing'}")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

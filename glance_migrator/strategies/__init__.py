@@ -46,11 +46,15 @@ class StepContext:
     stuck_after: float = STUCK_AFTER
     spool: Spool | None = None  # location-swap's download dir; None with --no-spool
     legacy: bool = False  # a single-store Glance: stores are location URL schemes (glance.LEGACY_SCHEMES)
+    lease: Callable[[], None] = lambda: None  # raises LeaseLost once another worker holds the image (runner.py)
 
     def sleep(self, seconds: float) -> None:
-        """Wait, but give up at once when the operator asks to stop."""
+        """Wait, but give up at once when the operator asks to stop, or when the image's lease was taken over
+        (our process was paused past it): another worker is on the image now."""
+        self.lease()
         if self.stop.wait(seconds):
             raise Interrupted
+        self.lease()
 
     def polls(self) -> Iterator[None]:
         """Wait between looks at something Glance is doing: briefly at first, then longer (x1.5, up to
