@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
+import sqlalchemy as sa
 import typer
 
 from glance_migrator import __version__, commands, render
@@ -141,6 +142,16 @@ def parse_size(text: str | None, option: str) -> int | None:
         return int(float(value) * SIZE_UNITS[unit])
     except ValueError:
         raise UsageError(f"{option} {text!r}: expected a size such as 1048576, 512M or 2G") from None
+
+
+def _open_db(db: str | None, readonly: bool = False) -> StateDB:
+    """The state DB; a password typed into --db is used, with a warning: `ps` shows it to every user of the host."""
+    if db and "://" in db and any(db in arg for arg in sys.argv[1:]) and sa.make_url(db).password:
+        logging.getLogger(__name__).warning(
+            "the state DB's password is on the command line, where `ps` shows it to every user of this host: "
+            "use --db @FILE, GLANCE_MIGRATOR_DB, PGPASSWORD or ~/.pgpass instead"
+        )
+    return StateDB.open(db, readonly=readonly)
 
 
 _CONSOLE_LOG = logging.StreamHandler(sys.stderr)
@@ -299,7 +310,7 @@ def run(
         )
         render.print_plan(the_plan)
         return
-    state = StateDB.open(db)
+    state = _open_db(db)
     state.lease_ttl = timedelta(seconds=lease_ttl)
     with _live_progress() as live:
         rep = commands.run_migration(
@@ -365,7 +376,7 @@ def status(
     Example: glance-migrator status --json | jq '.images[] | select(.state=="failed")'
     Example: glance-migrator status -f csv -c id -c state -c error
     """
-    state_db = StateDB.open(db, readonly=True)
+    state_db = _open_db(db, readonly=True)
     fmt = render.Format.JSON if as_json else fmt
     while True:
         rep = commands.report(state_db, run_id)
@@ -390,7 +401,7 @@ def report(
 
     Example: glance-migrator report migration-audit.csv
     """
-    records = commands.audit(StateDB.open(db, readonly=True), run_id)
+    records = commands.audit(_open_db(db, readonly=True), run_id)
     try:
         written = render.write_audit(records, output)
     except OSError as e:
@@ -421,7 +432,7 @@ def retry(
     """
     bandwidth = _bandwidth(bwlimit)
     rep = commands.retry(
-        StateDB.open(db),
+        _open_db(db),
         lambda: Glance.connect(os_cloud, timeout, service_cloud, bandwidth),
         image or [],
         all_failed=all_failed,

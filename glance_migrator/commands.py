@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from glance_migrator.models import ImageRow, Run
 from glance_migrator.runner import ProgressSink, Runner, graceful_interrupts
 from glance_migrator.spool import Spool, default_spool_dir
 from glance_migrator.state import PATHS, RETRYABLE, TERMINAL, State, Strategy
-from glance_migrator.statedb import StateDB
+from glance_migrator.statedb import Lease, StateDB
 from glance_migrator.strategies import STUCK_AFTER
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class RunReport:
     problems: list[ImageRow]  # every image that did not move, with its reason: failed, blocked and skipped ones
     rows: Callable[[], Iterator[ImageRow]]  # every image of the run in run order, streamed
     already_complete: bool = False  # `run --resume` found the run finished: nothing a resume could move
+    leases: list[Lease] = field(default_factory=list)  # who works on which image now (one per worker) and stale ones
 
     @property
     def complete(self) -> bool:
@@ -248,7 +249,7 @@ def check_cloud(
 def report(db: StateDB, run_id: int | None = None) -> RunReport:
     run = db.get_run(run_id)
     problems = list(db.iter_images(run.id, [*sorted(RETRYABLE), State.SKIPPED]))
-    return RunReport(run, db.counts(run.id), problems, lambda: db.iter_images(run.id))
+    return RunReport(run, db.counts(run.id), problems, lambda: db.iter_images(run.id), leases=db.leases(run.id))
 
 
 def retry(
@@ -319,6 +320,20 @@ def status_head(rep: RunReport) -> dict[str, Any]:
             **rep.counts,  # and the states of images moved by the other strategy (0-byte images: copy-image)
         },
         "total": rep.total,
+        "leases": [
+            {
+                "image_id": lease.image_id,
+                "state": lease.state,
+                "host": lease.holder.host if lease.holder else None,
+                "pid": lease.holder.pid if lease.holder else None,
+                "worker": lease.holder.worker if lease.holder else None,
+                "holder": lease.raw_owner,
+                "since": _iso(lease.since),
+                "expires": _iso(lease.expires),
+                "stale": lease.stale,
+            }
+            for lease in rep.leases
+        ],
     }
 
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +35,7 @@ from glance_migrator.commands import STATUS_COLUMNS, Plan, RunReport, status_hea
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.models import ImageRow
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
+from glance_migrator.statedb import Lease
 
 
 def exit_code(rep: RunReport) -> int:
@@ -224,8 +226,37 @@ def print_status(rep: RunReport) -> None:
     for st in states:
         table.add_row(st, str(rep.counts.get(st, 0)))
     console.print(table)
+    if rep.leases:
+        console.print()
+        for lease in rep.leases:
+            console.print(_lease_line(lease))
     if rep.problems:  # plain lines, never wrapped or cut: operators grep and copy these ids
         console.print()
         for row in rep.problems:
             where = f" at {row.failed_at}" if row.failed_at else ""
             console.print(f"{row.state}{where}: {row.image_id} ({row.name or 'unnamed'}): {row.error or ''}")
+
+
+def _lease_line(lease: Lease) -> str:
+    """`working: IMAGE (NAME) at STATE: host H pid P worker-N for 2m05s`, and what a stale lease means."""
+    who = f"host {lease.holder.host} pid {lease.holder.pid} {lease.holder.worker}" if lease.holder else lease.raw_owner
+    held = f" for {_age(lease.now - lease.since)}" if lease.since else ""
+    line = f"{lease.image_id} ({lease.name or 'unnamed'}) at {lease.state}: {who}{held}"
+    if not lease.stale:
+        return f"working: {line}"
+    if lease.expires is not None and lease.expires < lease.now:
+        why = f"lapsed {_age(lease.now - lease.expires)} ago (its runner stopped renewing it)"
+    else:
+        why = "its process is gone"
+    return f"stale: {line}: {why}; the next runner to claim it continues from its last recorded step"
+
+
+def _age(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

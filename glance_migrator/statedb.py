@@ -63,6 +63,9 @@ def db_url(db: str | None) -> str:
     if db and db.startswith("@"):
         db = _read_url_file(Path(db[1:]).expanduser())
     if db and "://" in db:
+        scheme, rest = db.split("://", 1)
+        if scheme in ("postgresql", "postgres"):  # libpq's own spelling: the driver glance-migrator[postgresql] has
+            return f"postgresql+psycopg://{rest}"
         return db
     path = Path(db).expanduser() if db else default_db_path()
     return f"sqlite:///{path}"
@@ -160,6 +163,8 @@ class StateDB:
         try:
             self = cls(url)
             self._upgrade()
+        except (sa_exc.ArgumentError, ImportError) as e:  # sa_exc.NoSuchModuleError is an ArgumentError
+            raise UsageError(_unusable_url(url, e)) from None
         except StateDBError as e:
             if not (readonly and path is not None and path.exists() and "unable to open" in str(e)):
                 if path is not None and "unable to open" in str(e):
@@ -526,6 +531,19 @@ class StateDB:
                 .where(ImageRow.run_id == run_id, ImageRow.image_id == image_id)
                 .values(attempts=ImageRow.attempts + 1)
             )
+
+
+def _unusable_url(url: str, error: Exception) -> str:
+    shown = redact(url)
+    if isinstance(error, ImportError) and url.startswith("postgresql"):
+        return (
+            f"--db {shown}: the PostgreSQL driver is not installed ({error}): install glance-migrator with it, "
+            "e.g. `pipx install 'glance-migrator[postgresql]'` (or `pip install 'psycopg[binary]'` in its venv)"
+        )
+    return (
+        f"--db {shown}: not a state DB glance-migrator can use ({error}); give a SQLite file's path or "
+        "postgresql+psycopg://USER@HOST[:PORT]/DATABASE"
+    )
 
 
 def _read_url_file(path: Path) -> str:

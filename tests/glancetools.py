@@ -256,7 +256,7 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
     return False
 
 
-def status_json(db: Path, env: dict[str, str]) -> dict[str, Any]:
+def status_json(db: Path | str, env: dict[str, str]) -> dict[str, Any]:
     proc = cli("status", "--json", "--db", str(db), env=env, check_rc=0)
     return dict(json.loads(proc.stdout))
 

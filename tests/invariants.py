@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import sqlalchemy as sa
 from openstack.connection import Connection
 
 from tests.glancetools import (
@@ -76,7 +77,7 @@ class Invariants:
         self,
         lab: Any,
         conn: Connection,
-        db: Path,
+        db: Path | str,
         env: Mapping[str, str],
         images: list[Seeded],
         *,
@@ -234,10 +235,9 @@ def _first_byte(conn: Connection, image_id: str) -> tuple[int, bytes]:
         served.close()
 
 
-def _no_leftovers(db: Path, rows: Mapping[str, Mapping[str, Any]]) -> None:
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as state:  # closed: the DB may be unmounted next
-        leased = state.execute("SELECT image_id FROM images WHERE lease_owner IS NOT NULL").fetchall()
-        spools = [Path(r[0]) for r in state.execute("SELECT spool_dir FROM runs WHERE spool_dir IS NOT NULL")]
+def _no_leftovers(db: Path | str, rows: Mapping[str, Mapping[str, Any]]) -> None:
+    leased = _query(db, "SELECT image_id FROM images WHERE lease_owner IS NOT NULL")
+    spools = [Path(r[0]) for r in _query(db, "SELECT spool_dir FROM runs WHERE spool_dir IS NOT NULL")]
     assert not leased, f"leases left behind: {leased}"
     for spool in spools:
         if not spool.exists():
@@ -248,6 +248,19 @@ def _no_leftovers(db: Path, rows: Mapping[str, Mapping[str, Any]]) -> None:
             kept = path.suffix == ".img" and rows.get(image_id, {}).get("state") in {"failed", "blocked"}
             assert kept, f"left behind in the spool: {path.name}"
             assert path.stat().st_mode & 0o777 == 0o600, f"spool file {path} is not private"
+
+
+def _query(db: Path | str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of the state DB, read as an outsider: plain sqlite3 for a file, SQLAlchemy for a server's URL."""
+    if "://" in str(db):
+        engine = sa.create_engine(str(db))
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.exec_driver_sql(sql)]
+        finally:
+            engine.dispose()
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as state:  # closed: the DB may be unmounted next
+        return state.execute(sql).fetchall()
 
 
 def _record(outcome: Outcome) -> None:

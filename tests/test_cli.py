@@ -21,6 +21,7 @@ from glance_migrator.models import ImageRow
 from glance_migrator.state import State, Strategy
 from glance_migrator.statedb import LeaseOwner, StateDB
 from tests.glancetools import CLI, cli, seed_image, stores_of
+from tests.lab.postgres import Postgres
 
 COMMANDS = ["run", "status", "retry", "check", "report"]
 
@@ -444,3 +445,37 @@ def test_status_and_report_read_a_large_run_while_a_runner_holds_the_write_lock(
     finally:
         runner.execute("ROLLBACK")
         runner.close()
+
+
+@pytest.mark.parametrize(
+    ("db", "message"),
+    [
+        ("foo://bar", "--db foo://bar: not a state DB glance-migrator can use"),
+        ("mysql://u@127.0.0.1/x", "give a SQLite file's path or postgresql+psycopg://"),
+        ("postgresql+psycopg2://u:hunter2@127.0.0.1/x", "the PostgreSQL driver is not installed"),
+        ("@/nonexistent/db-url", "--db @/nonexistent/db-url: cannot read it"),
+    ],
+)
+def test_bad_db_url_is_a_usage_error_that_shows_no_password(
+    admin_conn: Connection, env: dict[str, str], db: str, message: str
+) -> None:
+    seeded = seed_image(admin_conn, "cli-bad-db", os.urandom(100))
+    proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", db, env=env)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert message in _error_line(proc.stderr) and "hunter2" not in proc.stderr + proc.stdout
+    assert stores_of(admin_conn, seeded.id) == {"old"}
+
+
+def test_db_url_from_the_environment_or_a_file(postgres: Postgres, tmp_path: Path) -> None:
+    """`--db` stays off the command line: GLANCE_MIGRATOR_DB, or @FILE; a password typed on it is warned about."""
+    url = postgres.create_database().replace("glance_migrator@", "glance_migrator:hunter2@")
+    env = {"GLANCE_MIGRATOR_DB": url}
+    empty = cli("status", env=env)
+    assert empty.returncode == EXIT_USAGE and "holds no run yet" in empty.stderr, empty.stderr
+    assert "hunter2" not in empty.stderr and "command line" not in empty.stderr
+    url_file = tmp_path / "db-url"
+    url_file.write_text(url + "\n")
+    from_file = cli("status", "--db", f"@{url_file}", env={})
+    assert from_file.returncode == EXIT_USAGE and "holds no run yet" in from_file.stderr, from_file.stderr
+    typed = cli("status", "--db", url, env={})
+    assert "password is on the command line" in typed.stderr and "hunter2" not in typed.stderr, typed.stderr
