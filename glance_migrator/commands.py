@@ -91,11 +91,13 @@ def run_migration(
                 raise UsageError(f"{option} {given!r} differs from the unfinished run {unfinished.id}'s {recorded!r}")
         if ids or filters != NO_FILTERS:
             raise UsageError("--resume takes no --image or filter: the run's images were chosen when it started")
-        if spool_dir is not None and str(spool_dir) != unfinished.spool_dir:
-            raise UsageError(
-                f"run {unfinished.id} keeps its downloads in {unfinished.spool_dir}; --spool-dir cannot change"
-            )
         run = unfinished
+        spool_root = Path(run.spool_dir) if run.spool_dir else None
+        if run.strategy == Strategy.LOCATION_SWAP and (no_spool or spool_dir is not None):
+            # this runner's own downloads (a host joining the run has its own disk); a download kept in the
+            # recorded dir for a failed image is simply not reused by this runner
+            spool_root = None if no_spool else _ensured(spool_dir or default_spool_dir())
+            log.info("this runner keeps its downloads in %s", spool_root or "no spool (--no-spool)")
         glance = connect()
         log.info("resuming run %d: %s -> %s", run.id, run.from_store, run.to_store)
     elif unfinished is not None:
@@ -125,11 +127,10 @@ def run_migration(
         glance = connect()
         the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
         strategy, rows = the_plan.strategy, the_plan.rows
-        spool = None
+        spool_root = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
-            spool = Spool(spool_dir or default_spool_dir())
-            spool.ensure()
-        run = db.create_run(from_store, to_store, strategy, glance.cloud, rows, str(spool.root) if spool else None)
+            spool_root = _ensured(spool_dir or default_spool_dir())
+        run = db.create_run(from_store, to_store, strategy, glance.cloud, rows, str(spool_root) if spool_root else None)
         pending = sum(1 for row, _ in rows if row.state == State.PENDING)
         log.info(
             "run %d: %d image(s) found, %d to migrate %s -> %s",
@@ -148,11 +149,18 @@ def run_migration(
         stuck_after=stuck_after,
         accept_unseen_sharing=accept_unseen_sharing,
         connect=connect,
+        spool_root=spool_root,
     )
     with graceful_interrupts(runner):
         runner.run()
     db.finish_run_if_complete(run.id)
     return report(db, run.id)
+
+
+def _ensured(spool_dir: Path) -> Path:
+    """The spool directory, made private (refused when it cannot be)."""
+    Spool(spool_dir).ensure()
+    return spool_dir
 
 
 @dataclass

@@ -93,10 +93,12 @@ class Runner:
         stuck_after: float = STUCK_AFTER,
         accept_unseen_sharing: bool = False,
         connect: Callable[[], Glance] | None = None,
+        spool_root: Path | None = None,
     ) -> None:
         self.db = db
         self.glance = glance  # the run's own: discovery, the sharing index, "does Glance answer at all?"
         self.connect = connect  # each worker's connection (its own HTTP pool), when there are several
+        self.spool_root = spool_root  # location-swap: where this runner keeps downloads (None: --no-spool)
         self.run_row = run
         self.workers = max(1, workers)
         self.stuck_after = stuck_after
@@ -178,6 +180,8 @@ class Runner:
                     self._process(row, glance, lease)
                 except LeaseLost as e:
                     log.warning("%s: %s; leaving it to that worker", row.image_id, e)
+                    if self.spool_root is not None:  # that worker downloads what it needs; ours would stay forever
+                        Spool(self.spool_root).remove(row.image_id)
                 finally:
                     with self._lock:
                         self._leases.pop(name, None)
@@ -215,7 +219,7 @@ class Runner:
     def _process(self, row: ImageRow, glance: Glance, lease: WorkerLease) -> None:
         strategy = Strategy(row.strategy)
         steps = steps_for(strategy)
-        spool = Spool(Path(self.run_row.spool_dir)) if self.run_row.spool_dir else None
+        spool = Spool(self.spool_root) if self.spool_root is not None else None
         ctx = StepContext(
             glance,
             self.run_row.from_store,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
@@ -42,6 +43,7 @@ class Spool:
     def write(self, row: ImageRow, chunks: Iterable[bytes]) -> DataHasher:
         """Stream `chunks` to the image's spool file (0600), hashing; verified before it takes its name."""
         self.ensure()
+        self._drop_dead_partials(row.image_id)
         need = (row.size or 0) + HEADROOM
         free = shutil.disk_usage(self.root).free
         if free < need:
@@ -51,7 +53,9 @@ class Spool:
                 kind="resources",
             )
         final = self.path(row.image_id)
-        partial = final.with_suffix(".part")
+        # one partial file per writer: a runner that froze and woke (its image taken over by another runner of
+        # this host) never writes into the file the other is writing
+        partial = self.root / f"{row.image_id}.{os.getpid()}-{threading.get_ident()}.part"
         hasher = DataHasher(row.os_hash_algo)
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
         try:
@@ -68,11 +72,23 @@ class Spool:
         partial.rename(final)
         return hasher
 
+    def _drop_dead_partials(self, image_id: str) -> None:
+        """Partial files of this image whose writer is gone (killed mid-download): their space is needed now."""
+        for partial in self.root.glob(f"{image_id}.*-*.part"):
+            try:
+                pid = int(partial.name.split(".")[1].split("-")[0])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                partial.unlink(missing_ok=True)
+            except (ValueError, IndexError, PermissionError):
+                continue
+
     def remove(self, image_id: str) -> bool:
         path = self.path(image_id)
         existed = path.exists()
         path.unlink(missing_ok=True)
-        path.with_suffix(".part").unlink(missing_ok=True)
+        for partial in self.root.glob(f"{image_id}.*part"):  # a writer's, left by a kill (any writer's)
+            partial.unlink(missing_ok=True)
         return existed
 
 
