@@ -253,7 +253,8 @@ def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
         check_rc=EXIT_OK,
     )
     doc = json.loads(cli("status", "--json", "--db", db, env=env, check_rc=EXIT_OK).stdout)
-    assert set(doc) == {"run", "counts", "total", "images"}
+    assert set(doc) == {"run", "counts", "total", "leases", "images"}
+    assert doc["leases"] == []  # the run is over: nobody holds an image
     assert set(doc["run"]) == {
         "id",
         "from_store",
