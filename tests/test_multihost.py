@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_OK
+from glance_migrator.errors import EXIT_OK, EXIT_USAGE
 from tests.glancetools import cli, cli_popen, copies_of, seed_image, status_json, wait_for
 from tests.invariants import Invariants
 from tests.lab import Lab
@@ -161,6 +161,13 @@ def test_status_shows_who_holds_what_while_runners_work(
     assert {lease["image_id"] for lease in doc["leases"]} == {image for image, _ in held}
     assert all(lease["stale"] and lease["pid"] == proc.pid for lease in doc["leases"]), doc["leases"]
     assert proc.returncode == EXIT_OK, _logs(tmp_path)  # continued, it finished its own images
+    # every command works on PostgreSQL: report, retry, run --resume of a finished run
+    audit = tmp_path / "audit.csv"
+    cli("report", str(audit), "--db", url, env=env, check_rc=EXIT_OK)
+    assert len(audit.read_text().splitlines()) == 1 + len(images)
+    refused = cli("retry", "--all-failed", "--db", url, env=env, check_rc=EXIT_USAGE)
+    assert "has no failed or blocked image" in refused.stderr
+    cli("run", "--resume", "--db", url, env=env, check_rc=EXIT_OK)
 
 
 def _count(engine: sa.Engine, sql: str) -> int:
