@@ -137,23 +137,26 @@ def test_the_cli_every_test_runs_is_the_installed_wheel_of_this_checkout(tmp_pat
 
 
 def _floors() -> list[str]:
-    """`name==lowest` for each dependency of pyproject.toml (every one is `name>=lowest`)."""
+    """`name==lowest` for each dependency of pyproject.toml and of its `postgresql` extra (every one is
+    `name>=lowest`, or `name[extras]>=lowest`)."""
     pins = []
-    for requirement in PROJECT["dependencies"]:
-        found = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement.replace(" ", ""))
+    for requirement in [*PROJECT["dependencies"], *PROJECT["optional-dependencies"]["postgresql"]]:
+        found = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?>=([0-9.]+)", requirement.replace(" ", ""))
         assert found, f"{requirement!r}: a dependency without a tested floor"
         pins.append(f"{found[1]}=={found[2]}")
     return pins
 
 
 def test_cli_contract_holds_at_the_dependency_floors(dists: dict[str, Path], tmp_path: Path) -> None:
-    """The wheel installed with every dependency at the lowest release pyproject.toml allows, and the CLI contract
+    """The wheel installed (with its PostgreSQL extra) with every dependency at the lowest release pyproject.toml
+    allows, and the CLI contract
     tests (tests/test_cli.py, against the real lab) run with that install as the CLI."""
     venv, constraints = tmp_path / "floors", tmp_path / "floors.txt"
+    with_postgresql = f"{dists['wheel']}[postgresql]"
     constraints.write_text("\n".join(_floors()) + "\n")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = subprocess.run(
-        [venv / "bin/pip", "install", "-q", "--disable-pip-version-check", "-c", constraints, dists["wheel"]],
+        [venv / "bin/pip", "install", "-q", "--disable-pip-version-check", "-c", constraints, with_postgresql],
         capture_output=True,
         text=True,
         env=_clean_env(),
