@@ -31,7 +31,7 @@ from glance_migrator.models import ImageRow, Run
 from glance_migrator.sharing import SHARED, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
-from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB
+from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB, Totals
 from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ IMAGE_ATTEMPTS: Final = 2  # times a step that Glance keeps failing (for this im
 class ProgressSink(Protocol):
     """Who wants to see the run move (the live display of an interactive terminal)."""
 
-    def start(self, rows: list[ImageRow]) -> None: ...
+    def start(self, totals: Totals) -> None: ...
 
     def update(self, worker: str, row: ImageRow | None) -> None: ...  # None: the worker is idle
 
@@ -119,7 +119,7 @@ class Runner:
         when those images were in the run too, they hold a copy of their own by then (sharing.py).
         """
         if self.progress is not None:
-            self.progress.start(self.db.images(self.run_row.id))
+            self.progress.start(self.db.totals(self.run_row.id))
         heartbeat_done = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_done,), daemon=True)
         heartbeat.start()
