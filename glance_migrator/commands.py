@@ -125,7 +125,8 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
-        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
+        listed = progress.listed if progress is not None else None
+        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing, listed)
         strategy, rows = the_plan.strategy, the_plan.rows
         spool_root = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
@@ -216,6 +217,7 @@ def _plan(
     strategy: Strategy | None,
     filters: Filters,
     accept_unseen_sharing: bool,
+    listed: Callable[[int], None] | None = None,
 ) -> Plan:
     profile = CloudProfile.read(glance)
     why = "chosen with --strategy"
@@ -235,6 +237,7 @@ def _plan(
         legacy=profile.stores is None,
         filters=filters,
         empty_strategy=empty if empty == Strategy.COPY_IMAGE else None,
+        listed=listed,
     )
     return Plan(strategy, why, rows)
 

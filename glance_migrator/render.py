@@ -100,6 +100,9 @@ class LiveProgress:
     def __exit__(self, *_exc: object) -> None:
         self.progress.stop()
 
+    def listed(self, count: int) -> None:
+        self.progress.update(self._images, description="listing images", completed=count)
+
     def start(self, totals: Totals) -> None:
         # Failed and blocked images count as finished, and a run may move them again: once each, not twice.
         self._finished = set(totals.retryable)

@@ -48,6 +48,8 @@ IMAGE_ATTEMPTS: Final = 2  # times a step that Glance keeps failing (for this im
 class ProgressSink(Protocol):
     """Who wants to see the run move (the live display of an interactive terminal)."""
 
+    def listed(self, count: int) -> None: ...  # discovery has listed this many images so far
+
     def start(self, totals: Totals) -> None: ...
 
     def update(self, worker: str, row: ImageRow | None) -> None: ...  # None: the worker is idle
