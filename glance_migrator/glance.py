@@ -352,18 +352,30 @@ class Glance:
                 return None
             raise
 
-    def list_images(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def list_images(self, limit: int | None = None, changed_since: str | None = None) -> Iterator[dict[str, Any]]:
         """Every image an admin can see: all visibilities (community included), hidden or not.
 
         A plain list leaves out community images of other projects and every os_hidden image, which
         is how images get forgotten in a migration; so list visibility=all, once per os_hidden value.
+        `changed_since` (ISO 8601, UTC): only images whose updated_at is at or after it (Glance's
+        `updated_at=gte:` filter); deleted images are never listed.
         """
-        for page in self.image_pages(limit):
+        for page in self.image_pages(limit, changed_since):
             yield from page
 
-    def image_pages(self, limit: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    def image_pages(self, limit: int | None = None, changed_since: str | None = None) -> Iterator[list[dict[str, Any]]]:
         """list_images, a page (one request) at a time."""
-        return self._pages("", limit)
+        return self._pages(f"&updated_at=gte:{changed_since}" if changed_since else "", limit)
+
+    def newest_update(self) -> str | None:
+        """The latest updated_at of any image, by Glance's clock (ISO 8601, whole seconds); None for no image."""
+        newest = [
+            image["updated_at"]
+            for page in self._pages("&sort_key=updated_at&sort_dir=desc", 1)
+            for image in page
+            if image.get("updated_at")
+        ]
+        return max(newest, default=None)
 
     def find_copies(self, key: str, value: str) -> list[dict[str, Any]]:
         """Images (hidden ones included) whose property `key` is `value`: our own migration copies."""

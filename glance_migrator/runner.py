@@ -28,7 +28,7 @@ from glance_migrator.errors import (
 )
 from glance_migrator.glance import Glance, GlanceHTTPError, GlanceUnavailable
 from glance_migrator.models import ImageRow, Run
-from glance_migrator.sharing import SHARED, SharedData
+from glance_migrator.sharing import SHARED, LocationIndex, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
 from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB, Totals
@@ -96,6 +96,7 @@ class Runner:
         accept_unseen_sharing: bool = False,
         connect: Callable[[], Glance] | None = None,
         spool_root: Path | None = None,
+        index: LocationIndex | None = None,
     ) -> None:
         self.db = db
         self.glance = glance  # the run's own: discovery, the sharing index, "does Glance answer at all?"
@@ -112,7 +113,8 @@ class Runner:
         self._leases: dict[str, WorkerLease] = {}  # worker name -> the lease it holds now
         self.progress = progress
         self.legacy = glance.stores() is None
-        self.shared = SharedData(glance, run.from_store, self.legacy, accept_unseen_sharing)
+        # who lists which data URL: from discovery's listing when this process made one (`index`)
+        self.shared = SharedData(glance, run.from_store, self.legacy, accept_unseen_sharing, index)
 
     def run(self) -> None:
         """Work until every image of the run is finished, the operator stops us, or a fatal error.

@@ -13,6 +13,7 @@ from openstack.connection import Connection
 from glance_migrator.discovery import discover
 from glance_migrator.errors import EXIT_OK
 from glance_migrator.glance import PAGE_SIZE, Glance
+from glance_migrator.sharing import LocationIndex
 from glance_migrator.state import State, Strategy
 from tests.glancetools import cli, delete_all_images, seed_image
 
@@ -39,13 +40,15 @@ def test_discovery_follows_every_page_when_glance_serves_fewer_images_than_asked
     glance = Glance(small_pages)
     assert glance.page_size == PAGE_SIZE == 1000
     counts: list[int] = []
+    index = LocationIndex()
 
-    rows = discover(glance, [], "old", "new", Strategy.COPY_IMAGE, legacy=False, listed=counts.append)
+    rows = discover(glance, [], "old", "new", Strategy.COPY_IMAGE, legacy=False, index=index, listed=counts.append)
 
     assert sorted(row.image_id for row, _ in rows) == sorted(s.id for s in visible + hidden)
     assert all(row.state == State.PENDING for row, _ in rows)
     # Glance capped each page at 3 and its `next` link led on: 3 + 2 visible, then 3 hidden and an empty page.
     assert counts == [3, 5, 8, 8]
+    assert set(index.by_image) == {s.id for s in visible + hidden} and index.since is not None
 
     # The CLI says how far the listing got, on stderr.
     proc = cli("run", "--dry-run", "--from-store", "old", "--to-store", "new", env=dict(lab.env()), check_rc=EXIT_OK)
