@@ -16,6 +16,7 @@ from glance_migrator.formats import refusal_of
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow, Run
 from glance_migrator.runner import ProgressSink, Runner, graceful_interrupts
+from glance_migrator.sharing import LocationIndex
 from glance_migrator.spool import Spool, default_spool_dir
 from glance_migrator.state import PATHS, RETRYABLE, TERMINAL, State, Strategy
 from glance_migrator.statedb import Lease, StateDB
@@ -99,6 +100,7 @@ def run_migration(
             spool_root = None if no_spool else _ensured(spool_dir or default_spool_dir())
             log.info("this runner keeps its downloads in %s", spool_root or "no spool (--no-spool)")
         glance = connect()
+        index: LocationIndex | None = None  # nothing listed here: the sharing index reads every image at first use
         log.info("resuming run %d: %s -> %s", run.id, run.from_store, run.to_store)
     elif unfinished is not None:
         raise UsageError(
@@ -125,7 +127,9 @@ def run_migration(
                 else "--from-store and --to-store are required to start a run"
             )
         glance = connect()
-        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
+        index = LocationIndex()  # filled from discovery's listing of every image (not with --image)
+        listed = progress.listed if progress is not None else None
+        the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing, index, listed)
         strategy, rows = the_plan.strategy, the_plan.rows
         spool_root = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
@@ -150,6 +154,7 @@ def run_migration(
         accept_unseen_sharing=accept_unseen_sharing,
         connect=connect,
         spool_root=spool_root,
+        index=index,
     )
     with graceful_interrupts(runner):
         runner.run()
@@ -216,6 +221,8 @@ def _plan(
     strategy: Strategy | None,
     filters: Filters,
     accept_unseen_sharing: bool,
+    index: LocationIndex | None = None,
+    listed: Callable[[int], None] | None = None,
 ) -> Plan:
     profile = CloudProfile.read(glance)
     why = "chosen with --strategy"
@@ -235,6 +242,8 @@ def _plan(
         legacy=profile.stores is None,
         filters=filters,
         empty_strategy=empty if empty == Strategy.COPY_IMAGE else None,
+        index=index,
+        listed=listed,
     )
     return Plan(strategy, why, rows)
 

@@ -209,8 +209,11 @@ def _guard(shared: SharedData, image: dict[str, Any], store: str, keep: str | No
     stranded = []
     for other_id in sorted(candidates):
         other = shared.glance.get_image(other_id)
-        if other is None or not shared.urls(other) & doomed:
-            continue  # gone, or no longer lists the data
+        if other is None:
+            shared.forget(other_id)  # deleted since the index read it
+            continue
+        if not shared.urls(other) & doomed:
+            continue  # no longer lists the data
         if other.get(COPY_OF_PROPERTY) == image_id or shared.urls(other) - doomed:
             continue  # our own earlier copy (retired afterwards), or it keeps a location of its own
         stranded.append(f"{other_id} ({other.get('name') or 'unnamed'}, {other.get('status')})")

@@ -5,19 +5,21 @@ from __future__ import annotations
 import fnmatch
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from glance_migrator.errors import UsageError
 from glance_migrator.glance import Glance, stores_holding
 from glance_migrator.models import ImageRow
-from glance_migrator.sharing import COPY_OF_PROPERTY
+from glance_migrator.sharing import COPY_OF_PROPERTY, LocationIndex
 from glance_migrator.state import State, Strategy
 from glance_migrator.verify import has_fingerprint
 
 log = logging.getLogger(__name__)
+
+LOG_EVERY_PAGES: Final = 10  # discovery logs its progress every this many list requests (10,000 images)
 
 
 def parse_image_ids(values: Sequence[str]) -> list[str]:
@@ -81,16 +83,20 @@ def discover(
     legacy: bool,
     filters: Filters = Filters(),
     empty_strategy: Strategy | None = None,
+    index: LocationIndex | None = None,
+    listed: Callable[[int], None] | None = None,
 ) -> list[tuple[ImageRow, str | None]]:
     """One row per image: pending, or already done / skipped, each with the reason for the event log.
 
     The rows are recorded in this order, and workers take images in it (see `Filters.order`). With
     location-swap, 0-byte images go by `empty_strategy` (copy-image) or are skipped: see `classify`.
+    A listing of every image (no `image_ids`) also fills `index` (the run's sharing index: every image,
+    whatever the filters), and tells `listed` how many images it has seen after each page.
     """
     if image_ids:
         images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]
     else:
-        images = glance.list_images()
+        images = _list_every_image(glance, index, listed)
     unique: dict[str, dict[str, Any]] = {}
     copies = 0
     for image in images:
@@ -103,6 +109,29 @@ def discover(
         log.info("left out %d image(s) that are glance-migrator copies (%s)", copies, COPY_OF_PROPERTY)
     chosen = filters.arrange(list(unique.values()))
     return [classify(image, from_store, to_store, strategy, legacy, empty_strategy) for image in chosen]
+
+
+def _list_every_image(
+    glance: Glance, index: LocationIndex | None, listed: Callable[[int], None] | None
+) -> Iterator[dict[str, Any]]:
+    """Every image, a page at a time, each added to `index`; how many so far is logged every LOG_EVERY_PAGES pages
+    (and told to `listed` after each page), a 50,000-image catalogue being a minute or more of listing."""
+    if index is not None:
+        index.begin(glance)
+    count = pages = 0
+    for page in glance.image_pages():
+        for image in page:
+            if index is not None:
+                index.add(image)
+            yield image
+        count, pages = count + len(page), pages + 1
+        if listed is not None:
+            listed(count)
+        if pages % LOG_EVERY_PAGES == 0:
+            log.info("discovery: %d image(s) listed so far", count)
+    if index is not None:
+        index.end()
+    log.info("discovery: %d image(s) listed in %d request(s)", count, pages)
 
 
 def _fetch(glance: Glance, image_id: str) -> dict[str, Any]:

@@ -38,7 +38,10 @@ TRANSIENT_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 RETRY_ATTEMPTS: Final = 6
 RETRY_WAIT_FIRST: Final = 0.5  # seconds; doubles on each attempt ...
 RETRY_WAIT_MAX: Final = 15.0  # ... up to this, so a burst of ~30 s of trouble is ridden out
-PAGE_SIZE: Final = 200
+# Images per list request: Glance's default api_limit_max. A deployment that lowers it gets pages of its own
+# maximum, and Glance's `next` link still leads on (ImagesController.index caps `limit` and gives the next marker
+# whenever its DB returned that many rows); one that raises it could serve more, at a memory cost on its API node.
+PAGE_SIZE: Final = 1000
 CHUNK: Final = 1 << 20  # bytes per read when streaming image data
 CONNECT_TIMEOUT: Final = 10.0
 READ_TIMEOUT: Final = 300.0  # default wait for an answer or the next body bytes: a store delete can take minutes
@@ -205,6 +208,7 @@ class Glance:
         self.timeout = (CONNECT_TIMEOUT, read_timeout)  # a silent Glance is given up on, then retried
         self.service = service  # --service-cloud: its token goes with the locations API (Glance 30.1-31)
         self.bandwidth = bandwidth  # --bwlimit: image data read and written within it
+        self.page_size = PAGE_SIZE  # images per list request (Glance caps it at its api_limit_max)
 
     @classmethod
     def connect(
@@ -348,24 +352,42 @@ class Glance:
                 return None
             raise
 
-    def list_images(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def list_images(self, limit: int | None = None, changed_since: str | None = None) -> Iterator[dict[str, Any]]:
         """Every image an admin can see: all visibilities (community included), hidden or not.
 
         A plain list leaves out community images of other projects and every os_hidden image, which
         is how images get forgotten in a migration; so list visibility=all, once per os_hidden value.
+        `changed_since` (ISO 8601, UTC): only images whose updated_at is at or after it (Glance's
+        `updated_at=gte:` filter); deleted images are never listed.
         """
-        return self._list_all("", limit)
+        for page in self.image_pages(limit, changed_since):
+            yield from page
+
+    def image_pages(self, limit: int | None = None, changed_since: str | None = None) -> Iterator[list[dict[str, Any]]]:
+        """list_images, a page (one request) at a time."""
+        return self._pages(f"&updated_at=gte:{changed_since}" if changed_since else "", limit)
+
+    def newest_update(self) -> str | None:
+        """The latest updated_at of any image, by Glance's clock (ISO 8601, whole seconds); None for no image."""
+        newest = [
+            image["updated_at"]
+            for page in self._pages("&sort_key=updated_at&sort_dir=desc", 1)
+            for image in page
+            if image.get("updated_at")
+        ]
+        return max(newest, default=None)
 
     def find_copies(self, key: str, value: str) -> list[dict[str, Any]]:
         """Images (hidden ones included) whose property `key` is `value`: our own migration copies."""
-        return list(self._list_all(f"&{key}={value}"))
+        return [image for page in self._pages(f"&{key}={value}") for image in page]
 
-    def _list_all(self, filters: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    def _pages(self, filters: str, limit: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """`limit`: one page of at most that many images per os_hidden value; None: every page."""
         for hidden in ("false", "true"):  # os_hidden is always an equality filter: there is no "both"
-            path: str | None = f"/images?visibility=all&os_hidden={hidden}{filters}&limit={limit or PAGE_SIZE}"
+            path: str | None = f"/images?visibility=all&os_hidden={hidden}{filters}&limit={limit or self.page_size}"
             while path:
                 body = self._call("GET", path).json()
-                yield from body.get("images", [])
+                yield list(body.get("images", []))
                 nxt = body.get("next")
                 path = nxt.removeprefix("/v2") if nxt and limit is None else None
 

@@ -35,7 +35,7 @@ from glance_migrator.commands import STATUS_COLUMNS, Plan, RunReport, status_hea
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.models import ImageRow
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
-from glance_migrator.statedb import Lease
+from glance_migrator.statedb import Lease, Totals
 
 
 def exit_code(rep: RunReport) -> int:
@@ -100,13 +100,14 @@ class LiveProgress:
     def __exit__(self, *_exc: object) -> None:
         self.progress.stop()
 
-    def start(self, rows: list[ImageRow]) -> None:
-        done = [r for r in rows if r.state in TERMINAL]
-        self._finished = {r.image_id for r in done}
-        self.progress.update(self._images, total=len(rows), completed=len(done))
-        self.progress.update(
-            self._bytes, total=sum(r.size or 0 for r in rows), completed=sum(r.size or 0 for r in done)
-        )
+    def listed(self, count: int) -> None:
+        self.progress.update(self._images, description="listing images", completed=count)
+
+    def start(self, totals: Totals) -> None:
+        # Failed and blocked images count as finished, and a run may move them again: once each, not twice.
+        self._finished = set(totals.retryable)
+        self.progress.update(self._images, description="images", total=totals.images, completed=totals.finished)
+        self.progress.update(self._bytes, total=totals.bytes, completed=totals.finished_bytes)
 
     def update(self, worker: str, row: ImageRow | None) -> None:
         with self._lock:

@@ -28,10 +28,10 @@ from glance_migrator.errors import (
 )
 from glance_migrator.glance import Glance, GlanceHTTPError, GlanceUnavailable
 from glance_migrator.models import ImageRow, Run
-from glance_migrator.sharing import SHARED, SharedData
+from glance_migrator.sharing import SHARED, LocationIndex, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
-from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB
+from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB, Totals
 from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ IMAGE_ATTEMPTS: Final = 2  # times a step that Glance keeps failing (for this im
 class ProgressSink(Protocol):
     """Who wants to see the run move (the live display of an interactive terminal)."""
 
-    def start(self, rows: list[ImageRow]) -> None: ...
+    def listed(self, count: int) -> None: ...  # discovery has listed this many images so far
+
+    def start(self, totals: Totals) -> None: ...
 
     def update(self, worker: str, row: ImageRow | None) -> None: ...  # None: the worker is idle
 
@@ -94,6 +96,7 @@ class Runner:
         accept_unseen_sharing: bool = False,
         connect: Callable[[], Glance] | None = None,
         spool_root: Path | None = None,
+        index: LocationIndex | None = None,
     ) -> None:
         self.db = db
         self.glance = glance  # the run's own: discovery, the sharing index, "does Glance answer at all?"
@@ -110,7 +113,8 @@ class Runner:
         self._leases: dict[str, WorkerLease] = {}  # worker name -> the lease it holds now
         self.progress = progress
         self.legacy = glance.stores() is None
-        self.shared = SharedData(glance, run.from_store, self.legacy, accept_unseen_sharing)
+        # who lists which data URL: from discovery's listing when this process made one (`index`)
+        self.shared = SharedData(glance, run.from_store, self.legacy, accept_unseen_sharing, index)
 
     def run(self) -> None:
         """Work until every image of the run is finished, the operator stops us, or a fatal error.
@@ -119,7 +123,7 @@ class Runner:
         when those images were in the run too, they hold a copy of their own by then (sharing.py).
         """
         if self.progress is not None:
-            self.progress.start(self.db.images(self.run_row.id))
+            self.progress.start(self.db.totals(self.run_row.id))
         heartbeat_done = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_done,), daemon=True)
         heartbeat.start()

@@ -6,12 +6,19 @@ where locations were ever edited: the original 2015 script left each image and i
 object, location-swap does the same (on purpose: see strategies/location_swap.py), and so does a
 `glance location-add` by hand. What deletion.py decides from it is written there.
 
-Who lists a URL is read from Glance's image list (one pass over every image, renewed every
-INDEX_MAX_AGE seconds), every URL whatever its store metadata says, and each hit is then checked
-against the image as Glance shows it now. Where Glance hides locations (show_multiple_locations = False,
-fine for copy-image) they are read through the locations API (GET /v2/images/{id}/locations, admin from
-Glance 32); where that is refused too, sharing cannot be seen and deletion.py stops the run before its
-first delete, unless the operator accepts the risk (--accept-unseen-sharing).
+Who lists a URL is read from Glance's image list, every URL whatever its store metadata says, and each
+hit is then checked against the image as Glance shows it now. The index starts from one pass over every
+image (discovery's own listing, or a read of its own on `run --resume`) and is then kept current by
+listing only the images Glance changed since the previous read began (`updated_at=gte:`): Glance stamps
+updated_at on every change of an image's locations (a location added or removed, a store delete, an
+import), as its DB layer does on every image update. It is brought up to date before the first lookup and
+whenever it is older than INDEX_MAX_AGE; the read runs outside the lookup lock and its result is swapped
+in. Images deleted since stay in the index until a lookup finds them gone (they cannot hide anything:
+every hit is checked). Where Glance hides locations (show_multiple_locations = False, fine for
+copy-image) they are read through the locations API (GET /v2/images/{id}/locations, admin from Glance
+32), for the changed images only after the first read; where that is refused too, sharing cannot be
+seen and deletion.py stops the run before its first delete, unless the operator accepts the risk
+(--accept-unseen-sharing).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from glance_migrator.errors import CloudError
@@ -29,7 +37,11 @@ from glance_migrator.glance import Glance
 log = logging.getLogger(__name__)
 
 COPY_OF_PROPERTY: Final = "glance_migrator_copy_of"  # names the image a location-swap copy B was made for
-INDEX_MAX_AGE: Final = 120.0  # seconds an index of who lists which URL is trusted before it is read again
+INDEX_MAX_AGE: Final = 120.0  # seconds an index of who lists which URL is trusted before it is brought up to date
+# An update asks for the images changed since the previous read began, by the earlier of our clock and the newest
+# updated_at Glance showed then, less this margin: for glance-api nodes (and us) whose clocks disagree, and for a
+# change that Glance stamped before its transaction committed (a DB lock wait, up to 50 s on MySQL by default).
+CHANGE_MARGIN: Final = timedelta(minutes=5)
 SHARED: Final = "shared"  # error_kind of an image blocked because its old data is another image's too
 
 
@@ -48,6 +60,72 @@ SEE_LOCATIONS: Final = (
 )
 
 
+class LocationIndex:
+    """Which images list which URL, as of a listing of every image, and from when a later read must ask for the
+    images changed since (`since`). Built by discovery from its own listing (`begin`, `add` each image, `end`)
+    or by SharedData itself; kept current by SharedData."""
+
+    def __init__(self) -> None:
+        self.by_url: dict[str, set[str]] = defaultdict(set)
+        self.by_image: dict[str, tuple[str, ...]] = {}  # a tuple: a third of a set's memory, at 50,000 images
+        self.since: str | None = None  # None: no complete listing yet, the next read lists every image
+        self.read_at: float | None = None  # time.monotonic() when the listing it holds began
+        self._mark: tuple[str, float] | None = None
+        self._complete = True
+
+    def begin(self, glance: Glance) -> None:
+        """Before a listing of every image: note from when the read after it must ask for changes."""
+        self._mark, self._complete = change_mark(glance), True
+
+    def add(self, image: dict[str, Any]) -> None:
+        """One image of the listing; one whose locations Glance hides leaves the index incomplete (the first
+        lookup reads every image then, through the locations API)."""
+        if "locations" not in image:
+            self._complete = False
+            return
+        self.put(image["id"], {location["url"] for location in image["locations"]})
+
+    def end(self) -> None:
+        """The listing saw every image: the index holds as of its beginning."""
+        if self._complete and self._mark is not None:
+            self.since, self.read_at = self._mark
+
+    def put(self, image_id: str, urls: Iterable[str]) -> None:
+        """The image lists exactly these URLs now."""
+        self.forget(image_id)
+        found = tuple(set(urls))
+        if found:
+            self.by_image[image_id] = found
+            for url in found:
+                self.by_url[url].add(image_id)
+
+    def forget(self, image_id: str) -> None:
+        for url in self.by_image.pop(image_id, ()):
+            users = self.by_url.get(url)
+            if users is not None:
+                users.discard(image_id)
+                if not users:
+                    del self.by_url[url]
+
+    def listing(self, urls: Collection[str]) -> set[str]:
+        return {image_id for url in urls for image_id in self.by_url.get(url, ())}
+
+
+def change_mark(glance: Glance) -> tuple[str, float]:
+    """Taken before a read: the updated_at from which the next read asks for changed images (ISO 8601, UTC), and
+    the time.monotonic() the read began. Glance stamps updated_at with its own clock, which ours need not
+    match: the earlier of the two, less CHANGE_MARGIN."""
+    started = time.monotonic()
+    ours = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    newest = glance.newest_update()
+    theirs = _utc(datetime.fromisoformat(newest)) if newest else ours
+    return (min(ours, theirs) - CHANGE_MARGIN).isoformat() + "Z", started
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
 class SharedData:
     """Which images list which URL; one per run, shared by its workers.
 
@@ -55,15 +133,23 @@ class SharedData:
     from `GET /v2/images/{id}/locations`, one call per image (`mode` says which, once the first image told).
     """
 
-    def __init__(self, glance: Glance, from_store: str, legacy: bool, accept_unseen: bool = False) -> None:
+    def __init__(
+        self,
+        glance: Glance,
+        from_store: str,
+        legacy: bool,
+        accept_unseen: bool = False,
+        index: LocationIndex | None = None,
+    ) -> None:
         self.glance = glance
         self.from_store = from_store
         self.legacy = legacy
         self.accept_unseen = accept_unseen  # --accept-unseen-sharing
         self.mode: str | None = None  # "shown", "api" or "unseen"
-        self._lock = threading.Lock()
-        self._index: dict[str, set[str]] = {}
-        self._read_at: float | None = None
+        self._lock = threading.Lock()  # lookups and changes of the index
+        self._reading = threading.Lock()  # one read of Glance at a time: a lookup waits for the one under way
+        self._index = index or LocationIndex()  # discovery's, when this process listed every image
+        self._updated = False  # brought up to date once: discovery's listing is not trusted as it is
         self._read_took = 0.0
         self._unseen_logged = False
 
@@ -104,21 +190,45 @@ class SharedData:
 
     def listing(self, urls: Collection[str], but: str) -> set[str]:
         """Ids of the images (other than `but`) that the index says list one of `urls`."""
+        self._bring_up_to_date()
         with self._lock:
-            # Read again when it is old; one call per image (locations API) makes a read slow: not more often
-            # than every 5 reads' time.
-            if self._read_at is None or time.monotonic() - self._read_at > max(INDEX_MAX_AGE, 5 * self._read_took):
-                started = time.monotonic()
-                self._index = self._read()
-                self._read_at = time.monotonic()
-                self._read_took = self._read_at - started
-            return {image_id for url in urls for image_id in self._index.get(url, ())} - {but}
+            return self._index.listing(urls) - {but}
 
-    def _read(self) -> dict[str, set[str]]:
-        index: dict[str, set[str]] = defaultdict(set)
-        for image in self.glance.list_images():
+    def forget(self, image_id: str) -> None:
+        """The image is gone (Glance says so): out of the index."""
+        with self._lock:
+            self._index.forget(image_id)
+
+    def _bring_up_to_date(self) -> None:
+        """Read what changed before the first lookup (discovery's listing may be hours old by then) and once the
+        index is older than INDEX_MAX_AGE. A read through the locations API makes one call per image: not more
+        often than every 5 reads' time."""
+        with self._reading:
+            index = self._index
+            age = None if index.read_at is None else time.monotonic() - index.read_at
+            if self._updated and age is not None and age <= max(INDEX_MAX_AGE, 5 * self._read_took):
+                return
+            since, started = change_mark(self.glance)
+            if index.since is None:  # nothing read yet (`run --resume`, --image, hidden locations): every image
+                fresh = LocationIndex()
+                for image in self._read(None):
+                    fresh.put(image["id"], self.urls(image))
+                with self._lock:
+                    self._index = index = fresh
+            else:
+                changed = {image["id"]: self.urls(image) for image in self._read(index.since)}
+                with self._lock:
+                    for image_id, image_urls in changed.items():
+                        index.put(image_id, image_urls)
+                log.debug("sharing index: %d image(s) changed since %s", len(changed), index.since)
+            index.since, index.read_at = since, started
+            self._read_took = time.monotonic() - started
+            self._updated = True
+
+    def _read(self, changed_since: str | None) -> Iterable[dict[str, Any]]:
+        """The images whose locations can be seen (all of them, or those changed since), as listed."""
+        for image in self.glance.list_images(changed_since=changed_since):
+            # Every URL is taken, whatever its metadata says: the list does not fill in a converted cloud's stores
             if "locations" not in image and self.mode != "api":
                 continue  # nothing to see (deletion asks `locations` first, which sets the mode)
-            for location in self.locations(image) or []:  # every URL, whatever its metadata says: the image
-                index[location["url"]].add(image["id"])  # list does not fill in a converted cloud's store names
-        return index
+            yield image

@@ -43,6 +43,7 @@ POOL_SIZE: Final = 64 + 4  # connections: one per worker (--workers 64 at most),
 POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (StateDBError, resumable)
 READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
 UPGRADE_LOCK: Final = 0x676D5F7570  # PostgreSQL advisory lock key ("gm_up"): hosts starting at once upgrade in turn
+INSERT_BATCH: Final = 1000  # rows per INSERT statement when a run is recorded
 
 
 def default_db_path() -> Path:
@@ -132,6 +133,17 @@ class Lease:
     def stale(self) -> bool:
         """Lapsed (its runner stopped renewing it) or held by a process of this host that is gone."""
         return self.expires is None or self.expires < self.now or (self.holder is not None and self.holder.is_dead())
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A run's size and how much of it is finished (the live display's start), summed by the DB."""
+
+    images: int
+    finished: int  # images in a terminal state
+    bytes: int
+    finished_bytes: int
+    retryable: frozenset[str]  # ids of the failed and blocked images (finished, yet this run may move them again)
 
 
 class LeaseLost(Exception):
@@ -244,7 +256,9 @@ class StateDB:
         images: Sequence[tuple[ImageRow, str | None]],
         spool_dir: str | None = None,
     ) -> Run:
-        """Record a run and all its images in one transaction: a crash leaves all of it or none."""
+        """Record a run and all its images in one transaction: a crash leaves all of it or none. The rows go in
+        INSERT_BATCH at a time (one statement each, images then their events), as plain values: no ORM object
+        is kept for them, so memory does not grow with the run beyond `images` itself."""
         with self.session() as s:
             unfinished = s.scalars(sa.select(Run).where(Run.finished_at.is_(None))).first()
             if unfinished is not None:
@@ -257,11 +271,29 @@ class StateDB:
             )
             s.add(run)
             s.flush()
-            for position, (row, reason) in enumerate(images):
-                row.run_id = run.id
-                row.position = position
-                s.add(row)
-                s.add(Event(run_id=run.id, image_id=row.image_id, to_state=row.state, message=reason))
+            # every column but those left to their default (created_at...): one key set, one statement per batch
+            columns = sa.inspect(ImageRow).columns
+            defaulted = {c.key for c in columns if c.default is not None or c.server_default is not None}
+            for start in range(0, len(images), INSERT_BATCH):
+                batch = images[start : start + INSERT_BATCH]
+                values = []
+                for position, (row, _reason) in enumerate(batch, start):
+                    row.run_id, row.position = run.id, position
+                    values.append(
+                        {
+                            column.key: value
+                            for column in columns
+                            if (value := getattr(row, column.key)) is not None or column.key not in defaulted
+                        }
+                    )
+                s.execute(sa.insert(ImageRow), values)
+                s.execute(
+                    sa.insert(Event),
+                    [
+                        {"run_id": run.id, "image_id": row.image_id, "to_state": row.state, "message": reason}
+                        for row, reason in batch
+                    ],
+                )
             return run
 
     def get_run(self, run_id: int | None = None) -> Run:
@@ -328,6 +360,26 @@ class StateDB:
                 sa.select(ImageRow.state, sa.func.count()).where(ImageRow.run_id == run_id).group_by(ImageRow.state)
             )
             return {state: n for state, n in rows}
+
+    def totals(self, run_id: int) -> Totals:
+        """How many images and bytes the run has, and how many of them are finished: one pass in the DB."""
+        finished = ImageRow.state.in_([str(st) for st in TERMINAL])
+        size = sa.func.coalesce(ImageRow.size, 0)
+        with self.reading() as s:
+            images, done, size_all, size_done = s.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.sum(sa.case((finished, 1), else_=0)),
+                    sa.func.sum(size),
+                    sa.func.sum(sa.case((finished, size), else_=0)),
+                ).where(ImageRow.run_id == run_id)
+            ).one()
+            retryable = s.scalars(
+                sa.select(ImageRow.image_id).where(
+                    ImageRow.run_id == run_id, ImageRow.state.in_([str(st) for st in RETRYABLE])
+                )
+            )
+            return Totals(images, int(done or 0), int(size_all or 0), int(size_done or 0), frozenset(retryable))
 
     def events(self, run_id: int, image_id: str | None = None) -> list[Event]:
         with self.reading() as s:

@@ -6,13 +6,19 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from openstack.connection import Connection
 
+from glance_migrator import sharing
+from glance_migrator.discovery import discover
 from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL
+from glance_migrator.glance import Glance
+from glance_migrator.sharing import LocationIndex, SharedData
+from glance_migrator.state import Strategy
 from tests.glancetools import (
     Seeded,
     backend_objects,
@@ -32,6 +38,7 @@ from tests.invariants import Invariants
 
 MiB = 1 << 20
 STRATEGIES = ["copy-image", "location-swap"]
+HIDDEN = {"DEFAULT": {"show_multiple_locations": "False"}}
 
 
 def _snapshot(conn: Connection, image_id: str, data: bytes) -> Seeded:
@@ -173,3 +180,97 @@ def _events(db: Path, env: dict[str, str], image_id: str) -> list[dict[str, Any]
     cli("report", str(out), "--db", str(db), env=env, check_rc=EXIT_OK)
     (record,) = [r for r in json.loads(out.read_text()) if r["id"] == image_id]
     return list(record["events"])
+
+
+def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
+    full_admin_conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images that start listing a migrating image's data after discovery listed every image: the index made from
+    that listing is brought up to date from the images Glance changed since, not by listing every image again."""
+    original = _in_ceph(full_admin_conn, "late-sharing", os.urandom(MiB + 11))
+    later = _in_ceph(full_admin_conn, "late-sharing-later", os.urandom(1000))
+    glance = Glance(full_admin_conn)
+    reads: list[str | None] = []
+    list_images = glance.list_images
+
+    def listed(limit: int | None = None, changed_since: str | None = None) -> Iterator[dict[str, Any]]:
+        reads.append(changed_since)  # which reads the index makes (Glance answers them as ever)
+        return list_images(limit, changed_since)
+
+    monkeypatch.setattr(glance, "list_images", listed)
+    index = LocationIndex()
+    rows = discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index)
+    assert original.id in {row.image_id for row, _ in rows}
+    image = raw_image(full_admin_conn, original.id)
+    assert image is not None
+    (location,) = image["locations"]
+    url = location["url"]
+    assert index.listing({url}) == {original.id}
+
+    # After discovery (hours before the first delete, on a big cloud), someone adds its data to another image:
+    # Glance stamps that image's updated_at (to the second), which its list filter compares.
+    patch(full_admin_conn, later.id, [{"op": "add", "path": "/locations/-", "value": location}])
+    stamped = (raw_image(full_admin_conn, later.id) or {})["updated_at"]
+    assert later.id in {i["id"] for i in list_images(changed_since=stamped)}
+    assert not list(list_images(changed_since="2999-01-01T00:00:00Z"))  # the filter is applied, not ignored
+    shared = SharedData(glance, "ceph", legacy=False, index=index)
+    assert shared.locations(image) is not None  # what deletion asks first
+    assert shared.listing({url}, but=original.id) == {later.id}
+    assert len(reads) == 1 and reads[0] is not None  # only the images changed since discovery were listed
+
+    # And one more, made after that: seen once the index is older than INDEX_MAX_AGE (0 here).
+    third = _in_ceph(full_admin_conn, "late-sharing-third", os.urandom(1000))
+    patch(full_admin_conn, third.id, [{"op": "add", "path": "/locations/-", "value": location}])
+    assert shared.listing({url}, but=original.id) == {later.id}  # trusted for INDEX_MAX_AGE
+    monkeypatch.setattr(sharing, "INDEX_MAX_AGE", 0.0)
+    assert shared.listing({url}, but=original.id) == {later.id, third.id}
+    assert len(reads) == 2 and reads[1] is not None and reads[1] >= reads[0]
+
+
+def test_where_glance_hides_locations_the_index_reads_changed_images_through_the_locations_api(
+    full_lab: Any, full_admin_conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """show_multiple_locations = False: discovery's listing shows no location, so the first lookup reads every
+    image through GET /v2/images/ID/locations; later reads ask it only for the images changed since"""
+    original = _in_ceph(full_admin_conn, "hidden-sharing", os.urandom(MiB + 5))
+    later = _in_ceph(full_admin_conn, "hidden-sharing-later", os.urandom(1000))
+    image = raw_image(full_admin_conn, original.id)
+    assert image is not None
+    (location,) = image["locations"]
+    # the service token goes along, as with --service-cloud: Glance 30.1-31 show hidden locations to it only
+    glance = Glance(full_admin_conn, service=full_lab.connect("lab-service"))
+    reads: list[str | None] = []
+    asked: list[str] = []
+    list_images, image_locations = glance.list_images, glance.image_locations
+
+    def listed(limit: int | None = None, changed_since: str | None = None) -> Iterator[dict[str, Any]]:
+        reads.append(changed_since)
+        return list_images(limit, changed_since)
+
+    def locations_of(image_id: str) -> list[dict[str, Any]] | None:
+        asked.append(image_id)
+        return image_locations(image_id)
+
+    monkeypatch.setattr(glance, "list_images", listed)
+    monkeypatch.setattr(glance, "image_locations", locations_of)
+    monkeypatch.setattr(sharing, "INDEX_MAX_AGE", 0.0)
+    full_lab.reconfigure(HIDDEN)
+    try:
+        index = LocationIndex()
+        discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index)
+        assert index.since is None  # nothing seen: no index to trust
+        shared = SharedData(glance, "ceph", legacy=False, index=index)
+        hidden = raw_image(full_admin_conn, original.id)
+        assert hidden is not None and "locations" not in hidden
+        assert shared.locations(hidden) == [location] and shared.mode == "api"
+        assert shared.listing({location["url"]}, but=original.id) == set()
+        assert reads == [None] and later.id in asked  # every image, each through the locations API
+
+        full_lab.reconfigure({})  # Glance refuses location edits while it hides them
+        patch(full_admin_conn, later.id, [{"op": "add", "path": "/locations/-", "value": location}])
+        full_lab.reconfigure(HIDDEN)
+        asked.clear()
+        assert shared.listing({location["url"]}, but=original.id) == {later.id}
+        assert len(reads) == 2 and reads[1] is not None and later.id in asked
+    finally:
+        full_lab.reconfigure({})

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from glance_migrator.errors import IllegalTransition, UsageError
+from glance_migrator.errors import IllegalTransition, StateDBError, UsageError
 from glance_migrator.models import ImageRow
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy, check_transition, next_state, transitions
-from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB
+from glance_migrator.statedb import INSERT_BATCH, LeaseLost, LeaseOwner, StateDB
 
 
 def _row(image_id: str, state: State = State.PENDING) -> tuple[ImageRow, str | None]:
@@ -285,3 +285,33 @@ def test_concurrent_claims_never_hand_one_image_to_two_workers(db: StateDB) -> N
     assert sorted(taken) == ids
     assert {image: owners for image, owners in taken.items() if len(owners) > 1} == {}
     assert len({owners[0] for owners in taken.values()}) > 1  # the claims were spread, not serialised by luck
+
+
+def test_a_run_of_several_insert_batches_is_recorded_whole_in_order_and_totalled(db: StateDB) -> None:
+    ids = [f"66666666-6666-4666-8666-{i:012d}" for i in range(2 * INSERT_BATCH + 7)]
+    rows = [_row(i, State.SKIPPED if n % 3 == 0 else State.PENDING) for n, i in enumerate(ids)]
+    rows = [(row, f"reason {n}" if row.state == State.SKIPPED else None) for n, (row, _) in enumerate(rows)]
+    rows[5][0].state, rows[5][0].failed_at, rows[5][0].size = str(State.BLOCKED), str(State.COPIED), None
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, rows)
+    recorded = db.images(run.id)
+    assert [row.image_id for row in recorded] == ids and [row.position for row in recorded] == list(range(len(ids)))
+    assert all(row.created_at is not None and row.attempts == 0 and not row.os_hidden for row in recorded)
+    events = db.events(run.id)
+    assert [(e.image_id, e.to_state, e.message) for e in events] == [
+        (row.image_id, row.state, reason) for row, reason in rows
+    ]
+    totals = db.totals(run.id)
+    finished = [row for row in recorded if row.state in TERMINAL]
+    assert (totals.images, totals.finished) == (len(ids), len(finished))
+    assert (totals.bytes, totals.finished_bytes) == (len(ids) - 1, sum(row.size or 0 for row in finished))
+    assert totals.retryable == {ids[5]}
+
+
+def test_a_run_that_cannot_be_recorded_whole_leaves_nothing(db: StateDB) -> None:
+    ids = [f"77777777-7777-4777-8777-{i:012d}" for i in range(INSERT_BATCH + 2)]
+    rows = [_row(i) for i in [*ids, ids[0]]]  # the same image twice: the last batch fails
+    with pytest.raises(StateDBError):
+        db.create_run("old", "new", Strategy.COPY_IMAGE, None, rows)
+    assert not db.has_runs()
+    with db.reading() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(ImageRow)) == 0
