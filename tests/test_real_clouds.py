@@ -1,6 +1,7 @@
 """Images as years-old, many-times-upgraded clouds hold them, made by editing Glance's own DB (tests/corpus.py),
 moved by both strategies: pre-Rocky images with md5 only, multihashes of an older algorithm, empty images,
-several locations in the old store, images sharing data that Glance does not show or labels with no store."""
+several locations in the old store, images sharing data that Glance does not show or labels with no store; and
+deployments as sites run them: Glance enforcing Keystone unified limits on images."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
+from glance_migrator.runner import QUOTA_HINT
 from tests.corpus import (
     add_location,
     drop_multihash,
@@ -29,6 +31,7 @@ from tests.corpus import (
 )
 from tests.glancetools import Seeded, cli, download_sha512, raw_image, seed_image, stable, status_json, stores_of
 from tests.invariants import Invariants
+from tests.lab import IMAGE_LIMITS
 
 MiB = 1 << 20
 
@@ -303,3 +306,36 @@ def test_a_mixed_corpus_ends_on_its_own_and_loses_nothing(cloud: Cloud, strategy
     # A retry loop (`until glance-migrator run --resume; do sleep 60; done`) ends at once: nothing left to move.
     resumed = cloud.cli("run", "--resume", "--db", str(db), rc=EXIT_OK)
     assert "1 failed or blocked image(s) wait for" in resumed.stderr
+
+
+GENEROUS: Final = 1_000_000  # the registered default of each of Glance's limits: only the project limit binds
+
+
+def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(cloud: Cloud) -> None:
+    """With Keystone unified limits on (use_keystone_limits), location-swap's copies B count against the migrating
+    project's image_count_total: with room for one copy, one image moves and the others fail with kind `quota` and
+    the hint (Glance's 413 on creating B), the run goes on and exits 1, nothing is lost; `check` says the limits
+    are on; once the limit is raised, `retry --all-failed` moves them."""
+    images = [seed_image(cloud.conn, f"over-quota-{i}", os.urandom(MiB // 4 + i)) for i in range(3)]
+    db, ids = cloud.tmp / "state.db", [arg for s in images for arg in ("--image", s.id)]
+    with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
+        owned = cloud.conn.image.get("/info/usage").json()["usage"]["image_count_total"]["usage"]
+        cloud.lab.set_image_limit("admin", "image_count_total", owned + 1)  # the project lab-admin works in
+        check = cloud.cli("check", "--from-store", "old", "--to-store", "s3", rc=EXIT_OK)
+        assert "Keystone unified limits are on" in check.stdout, check.stdout
+        assert f"image_count_total {owned}/{owned + 1}" in check.stdout, check.stdout
+        cloud.cli("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap", "--workers", "1",
+                  *ids, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db), rc=EXIT_PARTIAL)  # fmt: skip
+        rows = {row["id"]: row for row in status_json(db, cloud.env)["images"]}
+        failed = {image_id for image_id, row in rows.items() if row["state"] != "done"}
+        assert len(failed) == 2, rows  # the first image took the one free slot; both others were tried after it
+        for image_id in failed:
+            row = rows[image_id]
+            assert row["state"] == "failed" and row["error_kind"] == "quota", row
+            assert "HTTP 413" in row["error"] and "image_count_total" in row["error"], row  # on creating B
+            assert QUOTA_HINT in row["error"], row
+        cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={},
+                               expect=dict.fromkeys(failed, "failed"), label="over the limit")  # fmt: skip
+        cloud.lab.set_image_limit("admin", "image_count_total", owned + len(images))
+        cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+        cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={}, label="limit raised")

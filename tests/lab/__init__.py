@@ -45,6 +45,9 @@ Extra stores (see S3_STORE, CEPH_STORE; they start in threads while Keystone and
   no enabled_backends; ``[glance_store] stores = file, rbd`` and ``default_store``, as before multi-store.
 - other settings: ``lab.reconfigure({"DEFAULT": {"show_multiple_locations": "False"}})`` restarts Glance with
   those [section] key = value overrides in glance-api.conf; ``lab.reconfigure({})`` goes back to the defaults.
+- Keystone unified limits: ``with lab.keystone_limits({resource: default, ...}):`` registers limits for Glance's
+  IMAGE_LIMITS and runs Glance with ``use_keystone_limits`` and ``[oslo_limit]`` for the block;
+  ``lab.set_image_limit(project, resource, n)`` sets a project's own limit.
 
 Layout of a lab directory (everything the lab writes is below it):
     clouds.yaml          lab-admin (admin/admin), lab-demo (demo/demo), lab-service (glance/service: roles admin
@@ -87,7 +90,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from email.message import Message
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +104,12 @@ PASSWORD = "secret"
 REGION = "RegionOne"
 
 KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "uWSGI==2.0.31")
+
+# Glance's resources under Keystone unified limits (glance/quota/keystone.py): image_size_total and
+# image_stage_total in MiB, the other two in images. Glance checks them against the *requesting* project
+# (req.context.owner): image_count_total on POST /v2/images, image_size_total on an upload (delta = its
+# Content-Length in MiB) and on an import, image_count_uploading while an upload or import runs.
+IMAGE_LIMITS = ("image_size_total", "image_stage_total", "image_count_total", "image_count_uploading")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -929,6 +938,89 @@ class Lab:
         self.glance_conf.write_text(_override_ini(self.glance_conf.read_text(), self.glance_overrides))
         self.restart_glance()
 
+    @contextlib.contextmanager
+    def keystone_limits(self, defaults: Mapping[str, int]) -> Iterator[None]:
+        """Glance enforcing Keystone unified limits while the block runs: registered limits `defaults`
+        ({resource: default limit}, every one of IMAGE_LIMITS: oslo.limit refuses a resource without one) for
+        the image service in REGION, then Glance restarted with `[DEFAULT] use_keystone_limits = True` and an
+        `[oslo_limit]` section as Glance's install guide has it (the glance user, system scope, with the reader
+        role on the system; endpoint_id of Glance's public endpoint). Project limits: set_image_limit(). On
+        exit Glance gets the lab's own configuration back (reconfigure({})) and every registered and project
+        limit of the image service is deleted."""
+        missing = set(IMAGE_LIMITS) - set(defaults)
+        if missing:
+            raise LabError(f"Glance fails every request that checks a resource without a limit: {sorted(missing)}")
+        call = self._keystone_call()
+        service_id, endpoint_id = self._image_endpoint(call)
+        user_id = call("GET", "/users?name=glance")["users"][0]["id"]
+        reader_id = call("GET", "/roles?name=reader")["roles"][0]["id"]
+        call("PUT", f"/system/users/{user_id}/roles/{reader_id}")  # listing limits (Glance's install guide)
+        call(
+            "POST",
+            "/registered_limits",
+            {
+                "registered_limits": [
+                    {"service_id": service_id, "region_id": REGION, "resource_name": name, "default_limit": limit}
+                    for name, limit in defaults.items()
+                ]
+            },
+        )
+        oslo_limit = {
+            "auth_type": "password",
+            "auth_url": self.keystone_url.removesuffix("/v3"),
+            "username": "glance",
+            "user_domain_id": "default",
+            "password": PASSWORD,
+            "system_scope": "all",
+            "endpoint_id": endpoint_id,
+            "region_name": REGION,
+        }
+        try:
+            self.reconfigure({"DEFAULT": {"use_keystone_limits": "True"}, "oslo_limit": oslo_limit})
+            yield
+        finally:
+            self.reconfigure({})
+            call = self._keystone_call()  # a fresh token: the block may have outlived the first one's use
+            for kind in ("limits", "registered_limits"):  # project limits first: Keystone refuses the other order
+                for limit in call("GET", f"/{kind}?service_id={service_id}")[kind]:
+                    call("DELETE", f"/{kind}/{limit['id']}")
+
+    def set_image_limit(self, project: str, resource: str, limit: int) -> None:
+        """Keystone's limit of `resource` (one of IMAGE_LIMITS) for the images of `project` (a project name):
+        created or changed. Glance asks Keystone at every check: no restart needed."""
+        call = self._keystone_call()
+        service_id, _ = self._image_endpoint(call)
+        project_id = call("GET", f"/projects?name={project}")["projects"][0]["id"]
+        query = f"service_id={service_id}&project_id={project_id}&resource_name={resource}"
+        existing = call("GET", f"/limits?{query}")["limits"]
+        if existing:
+            call("PATCH", f"/limits/{existing[0]['id']}", {"limit": {"resource_limit": limit}})
+            return
+        body = {
+            "service_id": service_id,
+            "region_id": REGION,
+            "project_id": project_id,
+            "resource_name": resource,
+            "resource_limit": limit,
+        }
+        call("POST", "/limits", {"limits": [body]})
+
+    def _keystone_call(self) -> Callable[..., dict[str, Any]]:
+        """A function calling Keystone's REST API as admin: call(method, path, body=None) -> the JSON body."""
+        token = self._keystone_token()
+
+        def call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            return _http_json(method, f"{self.keystone_url}{path}", token=token, body=body)[0]
+
+        return call
+
+    @staticmethod
+    def _image_endpoint(call: Callable[..., dict[str, Any]]) -> tuple[str, str]:
+        """(service id, public endpoint id) of Glance in Keystone's catalog."""
+        service_id = call("GET", "/services?type=image")["services"][0]["id"]
+        endpoints = call("GET", f"/endpoints?service_id={service_id}&interface=public")["endpoints"]
+        return service_id, endpoints[0]["id"]
+
     def running_services(self) -> list[str]:
         """The services of this lab that are alive (read from root/run/*.pid): keystone, glance, then
         s3 (SeaweedFS) and ceph (any of its daemons) if the lab runs them."""
@@ -1700,6 +1792,7 @@ __all__ = [
     "FULL_STORES",
     "GLANCE_RELEASES",
     "GLANCE_RELEASE_ENV",
+    "IMAGE_LIMITS",
     "LATEST",
     "S3_ACCESS_KEY",
     "S3_BUCKET",
