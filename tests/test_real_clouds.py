@@ -1,7 +1,8 @@
 """Images as years-old, many-times-upgraded clouds hold them, made by editing Glance's own DB (tests/corpus.py),
 moved by both strategies: pre-Rocky images with md5 only, multihashes of an older algorithm, empty images,
 several locations in the old store, images sharing data that Glance does not show or labels with no store; and
-deployments as sites run them: Glance enforcing Keystone unified limits on images."""
+deployments as sites run them: Glance enforcing Keystone unified limits on images, several glance-api nodes behind
+one endpoint."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import yaml
 from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
@@ -29,6 +31,7 @@ from tests.corpus import (
     strip_store_metadata,
     zero_byte_image,
 )
+from tests.faultproxy import FaultProxy
 from tests.glancetools import Seeded, cli, download_sha512, raw_image, seed_image, stable, status_json, stores_of
 from tests.invariants import Invariants
 from tests.lab import IMAGE_LIMITS
@@ -339,3 +342,30 @@ def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(c
         cloud.lab.set_image_limit("admin", "image_count_total", owned + len(images))
         cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
         cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={}, label="limit raised")
+
+
+def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_children(cloud: Cloud) -> None:
+    """Several glance-api nodes behind one endpoint, one of them without the old store in enabled_backends (a site
+    part-way through a configuration change): the store delete that lands there answers 409 "The selected store
+    old is not available on this node". The image fails with kind `refused` saying so, not blocked as held by
+    RBD clone children (the other 409), its data intact; once the balancer no longer sends it there, `retry`
+    finishes it."""
+    seeded = seed_image(cloud.conn, "node-without-old-store", os.urandom(MiB))
+    without_old = {"DEFAULT": {"enabled_backends": "new:file"}, "glance_store": {"default_backend": "new"}}
+    with cloud.lab.glance_node(without_old) as node, FaultProxy(cloud.lab.glance_port) as balancer:
+        config = yaml.safe_load(cloud.lab.clouds_yaml.read_text())
+        for entry in config["clouds"].values():
+            entry["image_endpoint_override"] = balancer.url
+        (cloud.tmp / "clouds.yaml").write_text(yaml.safe_dump(config))
+        behind = replace(cloud, env={**cloud.env, "OS_CLIENT_CONFIG_FILE": str(cloud.tmp / "clouds.yaml")})
+        balancer.route(node, method="DELETE", path=r"^/v2/stores/old/", times=100)  # every store delete
+        db = behind.run([seeded], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL,
+                        expect={seeded.id: "failed"})  # fmt: skip
+        assert balancer.injected["route"] >= 1, balancer.report()
+    (row,) = status_json(db, cloud.env)["images"]
+    assert row["error_kind"] == "refused", row
+    assert "The selected store old is not available on this node" in row["error"], row  # Glance's own words
+    assert "enabled_backends" in row["error"] and "clone" not in row["error"], row
+    assert stores_of(cloud.conn, seeded.id) == {"old", "new"}
+    cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has old")

@@ -48,6 +48,8 @@ Extra stores (see S3_STORE, CEPH_STORE; they start in threads while Keystone and
 - Keystone unified limits: ``with lab.keystone_limits({resource: default, ...}):`` registers limits for Glance's
   IMAGE_LIMITS and runs Glance with ``use_keystone_limits`` and ``[oslo_limit]`` for the block;
   ``lab.set_image_limit(project, resource, n)`` sets a project's own limit.
+- several glance-api nodes: ``with lab.glance_node({section: {key: value}}) as port:`` runs a second one on the same
+  DB and stores with those overrides (e.g. another enabled_backends), on a port no catalog names.
 
 Layout of a lab directory (everything the lab writes is below it):
     clouds.yaml          lab-admin (admin/admin), lab-demo (demo/demo), lab-service (glance/service: roles admin
@@ -633,6 +635,7 @@ class Lab:
         self.timings: dict[str, float] = {}
         self.keystone_port: int | None = None
         self.glance_port: int | None = None
+        self.glance2_port: int | None = None  # a second glance-api node, while glance_node() runs it
         self.s3_ports: dict[str, int] = {}  # weed mini: "s3", "s3.grpc", "master", "master.grpc", ...
         self.ceph_ports: dict[str, int] = {}  # "mon_v2", "mon_v1", "min", "max" (ms_bind_port range)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -695,7 +698,8 @@ class Lab:
         return f"http://{HOST}:{self._port('s3')}"
 
     def _port(self, name: str) -> int:
-        port = {"keystone": self.keystone_port, "glance": self.glance_port}.get(name) or self.s3_ports.get(name)
+        ports = {"keystone": self.keystone_port, "glance": self.glance_port, "glance2": self.glance2_port}
+        port = ports.get(name) or self.s3_ports.get(name)
         if port is None:
             raise LabError(f"the lab has not been started (or has no {name})")
         return port
@@ -889,6 +893,7 @@ class Lab:
         pid files in root/run, so it also stops a lab that another process started in root."""
 
         def glance_then_ceph() -> None:
+            self._stop_service("glance2")
             self._stop_service("glance")
             for daemon in _CEPH_DAEMONS:
                 self._stop_service(daemon, term_wait=0)
@@ -1020,6 +1025,33 @@ class Lab:
         service_id = call("GET", "/services?type=image")["services"][0]["id"]
         endpoints = call("GET", f"/endpoints?service_id={service_id}&interface=public")["endpoints"]
         return service_id, endpoints[0]["id"]
+
+    @contextlib.contextmanager
+    def glance_node(self, options: Mapping[str, Mapping[str, str]]) -> Iterator[int]:
+        """A second glance-api node while the block runs, as a site runs several behind one load balancer: the
+        same database, stores and keystone_authtoken as Glance's, with `options` ({section: {key: value}}) over
+        its glance-api.conf, e.g. {"DEFAULT": {"enabled_backends": "new:file"}, "glance_store":
+        {"default_backend": "new"}} for a node without the old store. Its own port (yielded; it is in no
+        catalog: reach it through a proxy, tests/faultproxy.py route()), config dir etc/glance2/ and log
+        logs/glance2-api.log. Stopped on exit (and by stop())."""
+        self.glance2_port = _free_ports(1)[0]
+        conf_dir = self.etc_dir / "glance2"
+        conf_dir.mkdir(exist_ok=True)
+        node = {
+            "log_file": str(self.logs_dir / "glance2-api.log"),
+            "worker_self_reference_url": f"http://{HOST}:{self.glance2_port}",
+        }
+        merged = {section: dict(values) for section, values in options.items()}
+        merged["DEFAULT"] = {**node, **merged.get("DEFAULT", {})}
+        (conf_dir / "glance-api.conf").write_text(_override_ini(self.glance_conf.read_text(), merged))
+        shutil.copyfile(self.etc_dir / "glance-uwsgi.ini", self.etc_dir / "glance2-uwsgi.ini")
+        try:
+            self._spawn("glance2")
+            self._wait_ready("glance2", "/", 300)
+            yield self.glance2_port
+        finally:
+            self._stop_service("glance2")
+            self.glance2_port = None
 
     def running_services(self) -> list[str]:
         """The services of this lab that are alive (read from root/run/*.pid): keystone, glance, then
@@ -1250,12 +1282,12 @@ class Lab:
             "--import",
             _SQLITE_HOOK,
         ]
-        if name == "glance" and (self.etc_dir / "pyceph").is_dir():
+        if name.startswith("glance") and (self.etc_dir / "pyceph").is_dir():
             argv += ["--pythonpath", str(self.etc_dir / "pyceph")]  # Debian's rbd + rados modules only
         if name == "keystone":
             env = _clean_env(OS_KEYSTONE_CONFIG_FILES=str(self.etc_dir / "keystone.conf"))
         else:
-            env = _clean_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir))
+            env = _clean_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir / "glance2" if name == "glance2" else self.etc_dir))
         with (self.logs_dir / f"{name}-uwsgi.log").open("ab") as out:
             proc = subprocess.Popen(
                 argv,
@@ -1296,7 +1328,7 @@ class Lab:
             time.sleep(0.05)
 
     def _app_log_tail(self, name: str) -> str:
-        return _tail(self.logs_dir / ("keystone.log" if name == "keystone" else "glance-api.log"), 20)
+        return _tail(self.logs_dir / ("keystone.log" if name == "keystone" else f"{name}-api.log"), 20)
 
     def _pidfile(self, name: str) -> tuple[Path, str]:
         """run/<name>.pid of a service and a string its command line contains (this lab's config)."""
