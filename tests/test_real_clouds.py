@@ -314,19 +314,26 @@ def test_a_mixed_corpus_ends_on_its_own_and_loses_nothing(cloud: Cloud, strategy
 GENEROUS: Final = 1_000_000  # the registered default of each of Glance's limits: only the project limit binds
 
 
-def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(cloud: Cloud) -> None:
+# what one copy B adds to each limit: an image (checked when B is created, glance/api/v2/images.py create), or
+# B's data in MiB (checked when its upload starts, glance/api/v2/image_data.py upload: delta = Content-Length in MiB)
+PER_COPY: Final = {"image_count_total": 1, "image_size_total": 2}
+
+
+@pytest.mark.parametrize("resource", list(PER_COPY))
+def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(cloud: Cloud, resource: str) -> None:
     """With Keystone unified limits on (use_keystone_limits), location-swap's copies B count against the migrating
-    project's image_count_total: with room for one copy, one image moves and the others fail with kind `quota` and
-    the hint (Glance's 413 on creating B), the run goes on and exits 1, nothing is lost; `check` says the limits
-    are on; once the limit is raised, `retry --all-failed` moves them."""
-    images = [seed_image(cloud.conn, f"over-quota-{i}", os.urandom(MiB // 4 + i)) for i in range(3)]
+    project's limits: with room for one copy, one image moves and the others fail with kind `quota` and the hint
+    (Glance's 413 on creating B, or on uploading its data), the run goes on and exits 1, nothing is lost; `check`
+    says the limits are on; once the limit is raised, `retry --all-failed` moves them."""
+    images = [seed_image(cloud.conn, f"over-{resource}-{i}", os.urandom(2 * MiB)) for i in range(3)]  # whole MiB
     db, ids = cloud.tmp / "state.db", [arg for s in images for arg in ("--image", s.id)]
     with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
-        owned = cloud.conn.image.get("/info/usage").json()["usage"]["image_count_total"]["usage"]
-        cloud.lab.set_image_limit("admin", "image_count_total", owned + 1)  # the project lab-admin works in
+        used = cloud.conn.image.get("/info/usage").json()["usage"][resource]["usage"]
+        room = used + PER_COPY[resource]
+        cloud.lab.set_image_limit("admin", resource, room)  # the project lab-admin works in
         check = cloud.cli("check", "--from-store", "old", "--to-store", "s3", rc=EXIT_OK)
         assert "Keystone unified limits are on" in check.stdout, check.stdout
-        assert f"image_count_total {owned}/{owned + 1}" in check.stdout, check.stdout
+        assert f"{resource} {used}/{room}" in check.stdout, check.stdout
         cloud.cli("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap", "--workers", "1",
                   *ids, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db), rc=EXIT_PARTIAL)  # fmt: skip
         rows = {row["id"]: row for row in status_json(db, cloud.env)["images"]}
@@ -335,11 +342,11 @@ def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(c
         for image_id in failed:
             row = rows[image_id]
             assert row["state"] == "failed" and row["error_kind"] == "quota", row
-            assert "HTTP 413" in row["error"] and "image_count_total" in row["error"], row  # on creating B
+            assert "HTTP 413" in row["error"] and resource in row["error"], row  # Glance's words
             assert QUOTA_HINT in row["error"], row
         cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={},
                                expect=dict.fromkeys(failed, "failed"), label="over the limit")  # fmt: skip
-        cloud.lab.set_image_limit("admin", "image_count_total", owned + len(images))
+        cloud.lab.set_image_limit("admin", resource, used + PER_COPY[resource] * len(images))
         cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
         cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={}, label="limit raised")
 
