@@ -21,6 +21,7 @@ from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
 from glance_migrator.runner import QUOTA_HINT
+from glance_migrator.strategies.copy_image import STAGING_QUOTA_HINT
 from tests.corpus import (
     add_location,
     drop_multihash,
@@ -376,3 +377,22 @@ def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_chil
     assert stores_of(cloud.conn, seeded.id) == {"old", "new"}
     cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
     cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has old")
+
+
+def test_a_copy_over_the_keystone_staging_limit_fails_as_quota_until_it_is_raised(cloud: Cloud) -> None:
+    """copy-image stages the data it copies: Glance checks the migrating project's image_stage_total (MiB) when
+    its copy task starts, after answering the import with 202, so no 413 reaches the tool: the task fails with
+    Glance's limit message. The image fails with kind `quota` and the hint, intact; once the limit is raised,
+    `retry --all-failed` moves it. (It used to be asked for again three times, then failed as "Glance dropped the
+    copy", kind `glance`.)"""
+    seeded = seed_image(cloud.conn, "over-image_stage_total", os.urandom(2 * MiB))
+    with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
+        cloud.lab.set_image_limit("admin", "image_stage_total", 1)  # less than the image's 2 MiB
+        db = cloud.run([seeded], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL,
+                       expect={seeded.id: "failed"})  # fmt: skip
+        (row,) = status_json(db, cloud.env)["images"]
+        assert row["error_kind"] == "quota" and "image_stage_total is over limit" in row["error"], row  # Glance's
+        assert STAGING_QUOTA_HINT in row["error"], row
+        cloud.lab.set_image_limit("admin", "image_stage_total", GENEROUS)
+        cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+        cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="limit raised")
