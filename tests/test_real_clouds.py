@@ -352,6 +352,15 @@ def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(c
         cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={}, label="limit raised")
 
 
+def _behind(cloud: Cloud, balancer: FaultProxy) -> Cloud:
+    """`cloud` with the CLI's image endpoint at `balancer` (Keystone is reached directly)."""
+    config = yaml.safe_load(cloud.lab.clouds_yaml.read_text())
+    for entry in config["clouds"].values():
+        entry["image_endpoint_override"] = balancer.url
+    (cloud.tmp / "clouds.yaml").write_text(yaml.safe_dump(config))
+    return replace(cloud, env={**cloud.env, "OS_CLIENT_CONFIG_FILE": str(cloud.tmp / "clouds.yaml")})
+
+
 def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_children(cloud: Cloud) -> None:
     """Several glance-api nodes behind one endpoint, one of them without the old store in enabled_backends (a site
     part-way through a configuration change): the store delete that lands there answers 409 "The selected store
@@ -361,14 +370,9 @@ def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_chil
     seeded = seed_image(cloud.conn, "node-without-old-store", os.urandom(MiB))
     without_old = {"DEFAULT": {"enabled_backends": "new:file"}, "glance_store": {"default_backend": "new"}}
     with cloud.lab.glance_node(without_old) as node, FaultProxy(cloud.lab.glance_port) as balancer:
-        config = yaml.safe_load(cloud.lab.clouds_yaml.read_text())
-        for entry in config["clouds"].values():
-            entry["image_endpoint_override"] = balancer.url
-        (cloud.tmp / "clouds.yaml").write_text(yaml.safe_dump(config))
-        behind = replace(cloud, env={**cloud.env, "OS_CLIENT_CONFIG_FILE": str(cloud.tmp / "clouds.yaml")})
         balancer.route(node, method="DELETE", path=r"^/v2/stores/old/", times=100)  # every store delete
-        db = behind.run([seeded], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL,
-                        expect={seeded.id: "failed"})  # fmt: skip
+        db = _behind(cloud, balancer).run([seeded], "--to-store", "new", "--strategy", "copy-image",
+                                          rc=EXIT_PARTIAL, expect={seeded.id: "failed"})  # fmt: skip
         assert balancer.injected["route"] >= 1, balancer.report()
     (row,) = status_json(db, cloud.env)["images"]
     assert row["error_kind"] == "refused", row
@@ -377,6 +381,32 @@ def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_chil
     assert stores_of(cloud.conn, seeded.id) == {"old", "new"}
     cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
     cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has old")
+
+
+def test_a_location_remove_on_a_node_without_the_ceph_store_is_not_called_clone_children(cloud: Cloud) -> None:
+    """location-swap off a Ceph store, the image's PATCHes sent to a glance-api node whose enabled_backends lacks
+    that store: removing the old rbd location answers 500 "Unknown scheme 'rbd' found in URI" (glance_store there
+    has no rbd driver), the same status Glance gives when RBD clone children hold the data. The image fails with
+    kind `refused` naming the node, both locations and the Ceph data intact; `retry` finishes it once every node
+    has the store. (It was blocked as held by clone children.)"""
+    seeded = seed_image(cloud.conn, "swap-node-without-ceph", os.urandom(MiB), store="ceph")
+    without_ceph = {"DEFAULT": {"enabled_backends": "old:file, new:file, s3:s3"}}
+    db = cloud.tmp / "state.db"
+    args = ["--image", seeded.id, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db)]
+    with cloud.lab.glance_node(without_ceph) as node, FaultProxy(cloud.lab.glance_port) as balancer:
+        balancer.route(node, method="PATCH", path=r"^/v2/images/", times=100)  # every location add and remove
+        _behind(cloud, balancer).cli("run", "--from-store", "ceph", "--to-store", "s3", "--strategy",
+                                     "location-swap", *args, rc=EXIT_PARTIAL)  # fmt: skip
+        assert balancer.injected["route"] >= 1, balancer.report()
+    (row,) = status_json(db, cloud.env)["images"]
+    assert row["state"] == "failed" and row["error_kind"] == "refused", row
+    assert "Unknown scheme 'rbd'" in row["error"] and "enabled_backends" in row["error"], row  # Glance's words
+    assert "clone" not in row["error"], row
+    assert stores_of(cloud.conn, seeded.id) == {"ceph", "s3"} and seeded.id in cloud.lab.rbd("ls", "images")
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, expect={seeded.id: "failed"},
+                           label="a node without ceph")  # fmt: skip
+    cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has ceph")
 
 
 def test_a_copy_over_the_keystone_staging_limit_fails_as_quota_until_it_is_raised(cloud: Cloud) -> None:

@@ -109,8 +109,9 @@ KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "uWSGI==2.0.31")
 
 # Glance's resources under Keystone unified limits (glance/quota/keystone.py): image_size_total and
 # image_stage_total in MiB, the other two in images. Glance checks them against the *requesting* project
-# (req.context.owner): image_count_total on POST /v2/images, image_size_total on an upload (delta = its
-# Content-Length in MiB) and on an import, image_count_uploading while an upload or import runs.
+# (req.context.owner): image_count_total on POST /v2/images; image_size_total on an upload (delta: its
+# Content-Length in MiB) and on an import request; image_count_uploading on an upload; image_stage_total and
+# image_count_uploading when a copy-image task starts, after the import was answered 202.
 IMAGE_LIMITS = ("image_size_total", "image_stage_total", "image_count_total", "image_count_uploading")
 
 
@@ -960,16 +961,10 @@ class Lab:
         user_id = call("GET", "/users?name=glance")["users"][0]["id"]
         reader_id = call("GET", "/roles?name=reader")["roles"][0]["id"]
         call("PUT", f"/system/users/{user_id}/roles/{reader_id}")  # listing limits (Glance's install guide)
-        call(
-            "POST",
-            "/registered_limits",
-            {
-                "registered_limits": [
-                    {"service_id": service_id, "region_id": REGION, "resource_name": name, "default_limit": limit}
-                    for name, limit in defaults.items()
-                ]
-            },
-        )
+        registered = [
+            {"service_id": service_id, "region_id": REGION, "resource_name": name, "default_limit": limit}
+            for name, limit in defaults.items()
+        ]
         oslo_limit = {
             "auth_type": "password",
             "auth_url": self.keystone_url.removesuffix("/v3"),
@@ -981,6 +976,7 @@ class Lab:
             "region_name": REGION,
         }
         try:
+            call("POST", "/registered_limits", {"registered_limits": registered})
             self.reconfigure({"DEFAULT": {"use_keystone_limits": "True"}, "oslo_limit": oslo_limit})
             yield
         finally:
