@@ -22,7 +22,8 @@ Two things are ever deleted:
    shares its data with any other image is kept.
 
 Glance errors map to outcomes here too: a removal Glance refuses for now (RBD clone children: 409 to a store
-delete, 500 to a location remove) blocks the image; a glance-api node that lacks the source store says so.
+delete, 500 to a location remove) blocks the image; a glance-api node that lacks the source store says so (409
+"not available on this node" to a store delete, 500 "Unknown scheme" to a location remove) and fails it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 MAX_OLD_LOCATIONS: Final = 16  # removals tried (one location each) before an image is given up on
 
+UNKNOWN_SCHEME: Final = "Unknown scheme"  # glance_store's UnknownScheme, in a 500 from a node without the store
 _CLONES = (
     "If the old store is Ceph, images cloned from this one (Nova/Cinder `rbd clone`) hold it: flatten or remove "
     "them, then `glance-migrator retry`"
@@ -129,11 +131,7 @@ def _store_delete(ctx: StepContext, row: ImageRow, refresh: Callable[[], dict[st
         if store not in image_stores(refresh()):
             return  # our earlier delete landed; only its answer was lost
         if e.status == 409 and "not available on this node" in e.detail:
-            raise ImageFailure(
-                f"a glance-api node answered that it has no store {store} ({e}): every node behind the "
-                f"endpoint needs {store} in enabled_backends until the migration is done; then `retry`",
-                kind="refused",
-            ) from e
+            raise _node_without(store, e) from e
         if e.status == 409:
             raise ImageBlocked(f"Glance will not delete the copy in {store} yet: {e}. {_CLONES}") from e
         raise ImageFailure(f"Glance refused to delete the copy in {store}: {e}", kind="refused") from e
@@ -168,6 +166,8 @@ def _location_refused(
     http = error if isinstance(error, GlanceHTTPError) else error.__cause__
     if not isinstance(http, GlanceHTTPError):
         raise error  # connection trouble, not a refusal: the run stops, resumable, nothing changed
+    if http.status == 500 and UNKNOWN_SCHEME in http.detail:  # not a clone: this node cannot parse the store's URL
+        raise _node_without(store, http) from error
     in_ceph = any(loc["url"].startswith("rbd://") for loc in after if location_store(loc, ctx.legacy) == store)
     if http.status != 409 and not (http.status == 500 and in_ceph):  # else: how Glance says a clone holds it
         raise ImageFailure(
@@ -178,6 +178,17 @@ def _location_refused(
     raise ImageBlocked(
         f"Glance will not remove the location in {store} ({error}). The image still has its locations and "
         f"its copy {row.copy_image_id} is intact. {_CLONES}"
+    )
+
+
+def _node_without(store: str, http: GlanceHTTPError) -> ImageFailure:
+    """A glance-api node behind the endpoint lacks `store` in its enabled_backends: it answers a store delete with
+    409 "not available on this node" and a location remove with 500 "Unknown scheme" (glance_store there knows no
+    driver for the location's URL). Either way the node removed nothing (the caller saw the location still there)."""
+    return ImageFailure(
+        f"a glance-api node answered that it has no store {store} ({http}): every node behind the endpoint needs "
+        f"{store} in enabled_backends until the migration is done; then `retry`",
+        kind="refused",
     )
 
 

@@ -7,6 +7,7 @@
         proxy.stall(5.0)                             # forward the request, hold the answer 5 s, then RST
         proxy.stall(5.0, after_bytes=MiB)            # ... or hold it after 1 MiB of its body
         proxy.drop_response(method="POST")           # Glance acts, but its answer is lost (RST)
+        proxy.route(port, method="DELETE", path=...)  # matching requests go to another glance-api node instead
         proxy.pass_through()                         # disarm everything
         proxy.injected                               # Counter: what was injected, for a report
 
@@ -46,7 +47,7 @@ _HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection")
 
 @dataclass
 class Rule:
-    kind: str  # "503", "reset_request", "reset_response", "drop_response", "stall"
+    kind: str  # "503", "reset_request", "reset_response", "drop_response", "stall", "route"
     remaining: int
     method: str | None
     path: re.Pattern[str]
@@ -54,6 +55,7 @@ class Rule:
     seconds: float = 0.0
     retry_after: int | None = None  # a 503's Retry-After header (seconds), if any
     every: int = 1  # applies to every `every`-th matching request only (2: the 1st, 3rd, 5th...)
+    port: int | None = None  # a route's upstream port
     seen: int = 0
 
     def matches(self, method: str, target: str) -> bool:
@@ -179,6 +181,11 @@ class FaultProxy:
         rule = Rule("stall", times, method, re.compile(path), after_bytes=after_bytes, seconds=min(seconds, MAX_STALL))
         self._arm(rule)
 
+    def route(self, port: int, *, times: int = 1, path: str = API, method: str | None = None) -> None:
+        """Forward the next `times` matching requests to 127.0.0.1:`port` instead of the upstream, unchanged: a
+        load balancer that sends them to another glance-api node."""
+        self._arm(Rule("route", times, method, re.compile(path), port=port))
+
     def armed(self) -> int:
         """Faults still to inject."""
         with self._lock:
@@ -210,8 +217,9 @@ class FaultProxy:
             self.requests.append(f"{method} {target}")
             for rule in self._rules:
                 if rule.matches(method, target):
-                    if rule.kind == "503" or (rule.kind == "stall" and rule.after_bytes is None):  # they fire now
-                        self._fired(rule, method, target, f"{rule.seconds:.1f} s" if rule.kind == "stall" else "")
+                    if rule.kind in ("503", "route") or (rule.kind == "stall" and rule.after_bytes is None):  # now
+                        detail = {"stall": f"{rule.seconds:.1f} s", "route": f"to :{rule.port}"}.get(rule.kind, "")
+                        self._fired(rule, method, target, detail)
                     return rule
         return None
 
@@ -269,11 +277,12 @@ class FaultProxy:
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (extra, len(body), body)
                 )
                 return
+            address = (HOST, rule.port) if rule is not None and rule.kind == "route" and rule.port else self.upstream
             try:
-                upstream = socket.create_connection(self.upstream, timeout=10)
+                upstream = socket.create_connection(address, timeout=10)
             except OSError as e:
                 with self._lock:
-                    self.errors.append(f"{method} {target}: upstream {self.upstream}: {e}")
+                    self.errors.append(f"{method} {target}: upstream {address}: {e}")
                 _reset(client)
                 return
             upstream.settimeout(SEND_TIMEOUT)

@@ -1,6 +1,8 @@
 """Images as years-old, many-times-upgraded clouds hold them, made by editing Glance's own DB (tests/corpus.py),
 moved by both strategies: pre-Rocky images with md5 only, multihashes of an older algorithm, empty images,
-several locations in the old store, images sharing data that Glance does not show or labels with no store."""
+several locations in the old store, images sharing data that Glance does not show or labels with no store; and
+deployments as sites run them: Glance enforcing Keystone unified limits on images, several glance-api nodes behind
+one endpoint."""
 
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import yaml
 from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_PARTIAL
+from glance_migrator.runner import QUOTA_HINT
+from glance_migrator.strategies.copy_image import STAGING_QUOTA_HINT
 from tests.corpus import (
     add_location,
     drop_multihash,
@@ -27,8 +32,10 @@ from tests.corpus import (
     strip_store_metadata,
     zero_byte_image,
 )
+from tests.faultproxy import FaultProxy
 from tests.glancetools import Seeded, cli, download_sha512, raw_image, seed_image, stable, status_json, stores_of
 from tests.invariants import Invariants
+from tests.lab import IMAGE_LIMITS
 
 MiB = 1 << 20
 
@@ -303,3 +310,119 @@ def test_a_mixed_corpus_ends_on_its_own_and_loses_nothing(cloud: Cloud, strategy
     # A retry loop (`until glance-migrator run --resume; do sleep 60; done`) ends at once: nothing left to move.
     resumed = cloud.cli("run", "--resume", "--db", str(db), rc=EXIT_OK)
     assert "1 failed or blocked image(s) wait for" in resumed.stderr
+
+
+GENEROUS: Final = 1_000_000  # the registered default of each of Glance's limits: only the project limit binds
+
+
+# what one copy B adds to each limit: an image (checked when B is created, glance/api/v2/images.py create), or
+# B's data in MiB (checked when its upload starts, glance/api/v2/image_data.py upload: delta = Content-Length in MiB)
+PER_COPY: Final = {"image_count_total": 1, "image_size_total": 2}
+
+
+@pytest.mark.parametrize("resource", list(PER_COPY))
+def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(cloud: Cloud, resource: str) -> None:
+    """With Keystone unified limits on (use_keystone_limits), location-swap's copies B count against the migrating
+    project's limits: with room for one copy, one image moves and the others fail with kind `quota` and the hint
+    (Glance's 413 on creating B, or on uploading its data), the run goes on and exits 1, nothing is lost; `check`
+    says the limits are on; once the limit is raised, `retry --all-failed` moves them."""
+    images = [seed_image(cloud.conn, f"over-{resource}-{i}", os.urandom(2 * MiB)) for i in range(3)]  # whole MiB
+    db, ids = cloud.tmp / "state.db", [arg for s in images for arg in ("--image", s.id)]
+    with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
+        used = cloud.conn.image.get("/info/usage").json()["usage"][resource]["usage"]
+        room = used + PER_COPY[resource]
+        cloud.lab.set_image_limit("admin", resource, room)  # the project lab-admin works in
+        check = cloud.cli("check", "--from-store", "old", "--to-store", "s3", rc=EXIT_OK)
+        assert "Keystone unified limits are on" in check.stdout, check.stdout
+        assert f"{resource} {used}/{room}" in check.stdout, check.stdout
+        cloud.cli("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap", "--workers", "1",
+                  *ids, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db), rc=EXIT_PARTIAL)  # fmt: skip
+        rows = {row["id"]: row for row in status_json(db, cloud.env)["images"]}
+        failed = {image_id for image_id, row in rows.items() if row["state"] != "done"}
+        assert len(failed) == 2, rows  # the first image took the one free slot; both others were tried after it
+        for image_id in failed:
+            row = rows[image_id]
+            assert row["state"] == "failed" and row["error_kind"] == "quota", row
+            assert "HTTP 413" in row["error"] and resource in row["error"], row  # Glance's words
+            assert QUOTA_HINT in row["error"], row
+        cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={},
+                               expect=dict.fromkeys(failed, "failed"), label="over the limit")  # fmt: skip
+        cloud.lab.set_image_limit("admin", resource, used + PER_COPY[resource] * len(images))
+        cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+        cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, images, faults={}, label="limit raised")
+
+
+def _behind(cloud: Cloud, balancer: FaultProxy) -> Cloud:
+    """`cloud` with the CLI's image endpoint at `balancer` (Keystone is reached directly)."""
+    config = yaml.safe_load(cloud.lab.clouds_yaml.read_text())
+    for entry in config["clouds"].values():
+        entry["image_endpoint_override"] = balancer.url
+    (cloud.tmp / "clouds.yaml").write_text(yaml.safe_dump(config))
+    return replace(cloud, env={**cloud.env, "OS_CLIENT_CONFIG_FILE": str(cloud.tmp / "clouds.yaml")})
+
+
+def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_children(cloud: Cloud) -> None:
+    """Several glance-api nodes behind one endpoint, one of them without the old store in enabled_backends (a site
+    part-way through a configuration change): the store delete that lands there answers 409 "The selected store
+    old is not available on this node". The image fails with kind `refused` saying so, not blocked as held by
+    RBD clone children (the other 409), its data intact; once the balancer no longer sends it there, `retry`
+    finishes it."""
+    seeded = seed_image(cloud.conn, "node-without-old-store", os.urandom(MiB))
+    without_old = {"DEFAULT": {"enabled_backends": "new:file"}, "glance_store": {"default_backend": "new"}}
+    with cloud.lab.glance_node(without_old) as node, FaultProxy(cloud.lab.glance_port) as balancer:
+        balancer.route(node, method="DELETE", path=r"^/v2/stores/old/", times=100)  # every store delete
+        db = _behind(cloud, balancer).run([seeded], "--to-store", "new", "--strategy", "copy-image",
+                                          rc=EXIT_PARTIAL, expect={seeded.id: "failed"})  # fmt: skip
+        assert balancer.injected["route"] >= 1, balancer.report()
+    (row,) = status_json(db, cloud.env)["images"]
+    assert row["error_kind"] == "refused", row
+    assert "The selected store old is not available on this node" in row["error"], row  # Glance's own words
+    assert "enabled_backends" in row["error"] and "clone" not in row["error"], row
+    assert stores_of(cloud.conn, seeded.id) == {"old", "new"}
+    cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has old")
+
+
+def test_a_location_remove_on_a_node_without_the_ceph_store_is_not_called_clone_children(cloud: Cloud) -> None:
+    """location-swap off a Ceph store, the image's PATCHes sent to a glance-api node whose enabled_backends lacks
+    that store: removing the old rbd location answers 500 "Unknown scheme 'rbd' found in URI" (glance_store there
+    has no rbd driver), the same status Glance gives when RBD clone children hold the data. The image fails with
+    kind `refused` naming the node, both locations and the Ceph data intact; `retry` finishes it once every node
+    has the store. (It was blocked as held by clone children.)"""
+    seeded = seed_image(cloud.conn, "swap-node-without-ceph", os.urandom(MiB), store="ceph")
+    without_ceph = {"DEFAULT": {"enabled_backends": "old:file, new:file, s3:s3"}}
+    db = cloud.tmp / "state.db"
+    args = ["--image", seeded.id, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db)]
+    with cloud.lab.glance_node(without_ceph) as node, FaultProxy(cloud.lab.glance_port) as balancer:
+        balancer.route(node, method="PATCH", path=r"^/v2/images/", times=100)  # every location add and remove
+        _behind(cloud, balancer).cli("run", "--from-store", "ceph", "--to-store", "s3", "--strategy",
+                                     "location-swap", *args, rc=EXIT_PARTIAL)  # fmt: skip
+        assert balancer.injected["route"] >= 1, balancer.report()
+    (row,) = status_json(db, cloud.env)["images"]
+    assert row["state"] == "failed" and row["error_kind"] == "refused", row
+    assert "Unknown scheme 'rbd'" in row["error"] and "enabled_backends" in row["error"], row  # Glance's words
+    assert "clone" not in row["error"], row
+    assert stores_of(cloud.conn, seeded.id) == {"ceph", "s3"} and seeded.id in cloud.lab.rbd("ls", "images")
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, expect={seeded.id: "failed"},
+                           label="a node without ceph")  # fmt: skip
+    cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+    cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has ceph")
+
+
+def test_a_copy_over_the_keystone_staging_limit_fails_as_quota_until_it_is_raised(cloud: Cloud) -> None:
+    """copy-image stages the data it copies: Glance checks the migrating project's image_stage_total (MiB) when
+    its copy task starts, after answering the import with 202, so no 413 reaches the tool: the task fails with
+    Glance's limit message. The image fails with kind `quota` and the hint, intact; once the limit is raised,
+    `retry --all-failed` moves it. (It used to be asked for again three times, then failed as "Glance dropped the
+    copy", kind `glance`.)"""
+    seeded = seed_image(cloud.conn, "over-image_stage_total", os.urandom(2 * MiB))
+    with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
+        cloud.lab.set_image_limit("admin", "image_stage_total", 1)  # less than the image's 2 MiB
+        db = cloud.run([seeded], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL,
+                       expect={seeded.id: "failed"})  # fmt: skip
+        (row,) = status_json(db, cloud.env)["images"]
+        assert row["error_kind"] == "quota" and "image_stage_total is over limit" in row["error"], row  # Glance's
+        assert STAGING_QUOTA_HINT in row["error"], row
+        cloud.lab.set_image_limit("admin", "image_stage_total", GENEROUS)
+        cloud.cli("retry", "--all-failed", "--db", str(db), rc=EXIT_OK)
+        cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="limit raised")

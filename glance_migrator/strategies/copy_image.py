@@ -40,6 +40,13 @@ MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running n
 LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks the lock of a dead task
 # Glance breaks a task's import lock, on the next import request, once the task was last updated this long ago.
 LOCK_EXPIRY: Final = {"pending": 7200.0, "processing": 3600.0}
+# oslo.limit's ProjectOverLimit, in the message of a copy task that Glance's Keystone unified limits refused
+OVER_LIMIT: Final = "is over a limit for"
+STAGING_QUOTA_HINT: Final = (
+    "copy-image stages each image's data, which counts against the migrating project's image_stage_total "
+    "(MiB) and image_count_uploading (`glance-migrator check` shows them); raise them for the migration, then "
+    "`glance-migrator retry`"
+)
 
 
 def _current(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
@@ -215,7 +222,16 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
                     f"the image is intact in {ctx.from_store}. A file a failed copy left in the target store "
                     "makes every retry fail until it is removed"
                 )
-            # Neither copied, copying nor failed: the task vanished. Asking again is safe.
+            # Neither copied, copying nor failed: the task vanished, or Glance's quota check refused it as it
+            # started (after the 202: that undoes the import properties, only the task's message says why).
+            why = ctx.glance.last_task_message(row.image_id)
+            if why and OVER_LIMIT in why:
+                raise ImageFailure(
+                    f"Glance's image quota (Keystone unified limits) refused the copy to {ctx.to_store} (task: {why}); "
+                    f"the image is intact in {ctx.from_store}. {STAGING_QUOTA_HINT}",
+                    kind="quota",
+                )
+            # Else asking again is safe.
             if requests_left == 0:
                 raise ImageFailure(f"Glance dropped the copy to {ctx.to_store} {MAX_REREQUESTS} times")
             requests_left -= 1

@@ -45,6 +45,11 @@ Extra stores (see S3_STORE, CEPH_STORE; they start in threads while Keystone and
   no enabled_backends; ``[glance_store] stores = file, rbd`` and ``default_store``, as before multi-store.
 - other settings: ``lab.reconfigure({"DEFAULT": {"show_multiple_locations": "False"}})`` restarts Glance with
   those [section] key = value overrides in glance-api.conf; ``lab.reconfigure({})`` goes back to the defaults.
+- Keystone unified limits: ``with lab.keystone_limits({resource: default, ...}):`` registers limits for Glance's
+  IMAGE_LIMITS and runs Glance with ``use_keystone_limits`` and ``[oslo_limit]`` for the block;
+  ``lab.set_image_limit(project, resource, n)`` sets a project's own limit.
+- several glance-api nodes: ``with lab.glance_node({section: {key: value}}) as port:`` runs a second one on the same
+  DB and stores with those overrides (e.g. another enabled_backends), on a port no catalog names.
 
 Layout of a lab directory (everything the lab writes is below it):
     clouds.yaml          lab-admin (admin/admin), lab-demo (demo/demo), lab-service (glance/service: roles admin
@@ -87,7 +92,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from email.message import Message
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +106,13 @@ PASSWORD = "secret"
 REGION = "RegionOne"
 
 KEYSTONE_REQUIREMENTS = ("keystone==30.0.0", "uWSGI==2.0.31")
+
+# Glance's resources under Keystone unified limits (glance/quota/keystone.py): image_size_total and
+# image_stage_total in MiB, the other two in images. Glance checks them against the *requesting* project
+# (req.context.owner): image_count_total on POST /v2/images; image_size_total on an upload (delta: its
+# Content-Length in MiB) and on an import request; image_count_uploading on an upload; image_stage_total and
+# image_count_uploading when a copy-image task starts, after the import was answered 202.
+IMAGE_LIMITS = ("image_size_total", "image_stage_total", "image_count_total", "image_count_uploading")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,6 +636,7 @@ class Lab:
         self.timings: dict[str, float] = {}
         self.keystone_port: int | None = None
         self.glance_port: int | None = None
+        self.glance2_port: int | None = None  # a second glance-api node, while glance_node() runs it
         self.s3_ports: dict[str, int] = {}  # weed mini: "s3", "s3.grpc", "master", "master.grpc", ...
         self.ceph_ports: dict[str, int] = {}  # "mon_v2", "mon_v1", "min", "max" (ms_bind_port range)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -686,7 +699,8 @@ class Lab:
         return f"http://{HOST}:{self._port('s3')}"
 
     def _port(self, name: str) -> int:
-        port = {"keystone": self.keystone_port, "glance": self.glance_port}.get(name) or self.s3_ports.get(name)
+        ports = {"keystone": self.keystone_port, "glance": self.glance_port, "glance2": self.glance2_port}
+        port = ports.get(name) or self.s3_ports.get(name)
         if port is None:
             raise LabError(f"the lab has not been started (or has no {name})")
         return port
@@ -880,6 +894,7 @@ class Lab:
         pid files in root/run, so it also stops a lab that another process started in root."""
 
         def glance_then_ceph() -> None:
+            self._stop_service("glance2")
             self._stop_service("glance")
             for daemon in _CEPH_DAEMONS:
                 self._stop_service(daemon, term_wait=0)
@@ -928,6 +943,111 @@ class Lab:
         self.write_glance_config()
         self.glance_conf.write_text(_override_ini(self.glance_conf.read_text(), self.glance_overrides))
         self.restart_glance()
+
+    @contextlib.contextmanager
+    def keystone_limits(self, defaults: Mapping[str, int]) -> Iterator[None]:
+        """Glance enforcing Keystone unified limits while the block runs: registered limits `defaults`
+        ({resource: default limit}, every one of IMAGE_LIMITS: oslo.limit refuses a resource without one) for
+        the image service in REGION, then Glance restarted with `[DEFAULT] use_keystone_limits = True` and an
+        `[oslo_limit]` section as Glance's install guide has it (the glance user, system scope, with the reader
+        role on the system; endpoint_id of Glance's public endpoint). Project limits: set_image_limit(). On
+        exit Glance gets the lab's own configuration back (reconfigure({})) and every registered and project
+        limit of the image service is deleted."""
+        missing = set(IMAGE_LIMITS) - set(defaults)
+        if missing:
+            raise LabError(f"Glance fails every request that checks a resource without a limit: {sorted(missing)}")
+        call = self._keystone_call()
+        service_id, endpoint_id = self._image_endpoint(call)
+        user_id = call("GET", "/users?name=glance")["users"][0]["id"]
+        reader_id = call("GET", "/roles?name=reader")["roles"][0]["id"]
+        call("PUT", f"/system/users/{user_id}/roles/{reader_id}")  # listing limits (Glance's install guide)
+        registered = [
+            {"service_id": service_id, "region_id": REGION, "resource_name": name, "default_limit": limit}
+            for name, limit in defaults.items()
+        ]
+        oslo_limit = {
+            "auth_type": "password",
+            "auth_url": self.keystone_url.removesuffix("/v3"),
+            "username": "glance",
+            "user_domain_id": "default",
+            "password": PASSWORD,
+            "system_scope": "all",
+            "endpoint_id": endpoint_id,
+            "region_name": REGION,
+        }
+        try:
+            call("POST", "/registered_limits", {"registered_limits": registered})
+            self.reconfigure({"DEFAULT": {"use_keystone_limits": "True"}, "oslo_limit": oslo_limit})
+            yield
+        finally:
+            self.reconfigure({})
+            call = self._keystone_call()  # a fresh token: the block may have outlived the first one's use
+            for kind in ("limits", "registered_limits"):  # project limits first: Keystone refuses the other order
+                for limit in call("GET", f"/{kind}?service_id={service_id}")[kind]:
+                    call("DELETE", f"/{kind}/{limit['id']}")
+
+    def set_image_limit(self, project: str, resource: str, limit: int) -> None:
+        """Keystone's limit of `resource` (one of IMAGE_LIMITS) for the images of `project` (a project name):
+        created or changed. Glance asks Keystone at every check: no restart needed."""
+        call = self._keystone_call()
+        service_id, _ = self._image_endpoint(call)
+        project_id = call("GET", f"/projects?name={project}")["projects"][0]["id"]
+        query = f"service_id={service_id}&project_id={project_id}&resource_name={resource}"
+        existing = call("GET", f"/limits?{query}")["limits"]
+        if existing:
+            call("PATCH", f"/limits/{existing[0]['id']}", {"limit": {"resource_limit": limit}})
+            return
+        body = {
+            "service_id": service_id,
+            "region_id": REGION,
+            "project_id": project_id,
+            "resource_name": resource,
+            "resource_limit": limit,
+        }
+        call("POST", "/limits", {"limits": [body]})
+
+    def _keystone_call(self) -> Callable[..., dict[str, Any]]:
+        """A function calling Keystone's REST API as admin: call(method, path, body=None) -> the JSON body."""
+        token = self._keystone_token()
+
+        def call(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            return _http_json(method, f"{self.keystone_url}{path}", token=token, body=body)[0]
+
+        return call
+
+    @staticmethod
+    def _image_endpoint(call: Callable[..., dict[str, Any]]) -> tuple[str, str]:
+        """(service id, public endpoint id) of Glance in Keystone's catalog."""
+        service_id = call("GET", "/services?type=image")["services"][0]["id"]
+        endpoints = call("GET", f"/endpoints?service_id={service_id}&interface=public")["endpoints"]
+        return service_id, endpoints[0]["id"]
+
+    @contextlib.contextmanager
+    def glance_node(self, options: Mapping[str, Mapping[str, str]]) -> Iterator[int]:
+        """A second glance-api node while the block runs, as a site runs several behind one load balancer: the
+        same database, stores and keystone_authtoken as Glance's, with `options` ({section: {key: value}}) over
+        its glance-api.conf, e.g. {"DEFAULT": {"enabled_backends": "new:file"}, "glance_store":
+        {"default_backend": "new"}} for a node without the old store. Its own port (yielded; it is in no
+        catalog: reach it through a proxy, tests/faultproxy.py route()), config dir etc/glance2/ and log
+        logs/glance2-api.log. Stopped on exit (and by stop())."""
+        self.glance2_port = _free_ports(1)[0]
+        conf_dir = self.etc_dir / "glance2"
+        conf_dir.mkdir(exist_ok=True)
+        node = {
+            "log_file": str(self.logs_dir / "glance2-api.log"),
+            "worker_self_reference_url": f"http://{HOST}:{self.glance2_port}",
+        }
+        merged = {section: dict(values) for section, values in options.items()}
+        merged["DEFAULT"] = {**node, **merged.get("DEFAULT", {})}
+        (conf_dir / "glance-api.conf").write_text(_override_ini(self.glance_conf.read_text(), merged))
+        shutil.copyfile(self.etc_dir / "glance-uwsgi.ini", self.etc_dir / "glance2-uwsgi.ini")
+        try:
+            self._spawn("glance2")
+            self._wait_ready("glance2", "/", 300)
+            yield self.glance2_port
+        finally:
+            self._stop_service("glance2")
+            self.glance2_port = None
 
     def running_services(self) -> list[str]:
         """The services of this lab that are alive (read from root/run/*.pid): keystone, glance, then
@@ -1158,12 +1278,12 @@ class Lab:
             "--import",
             _SQLITE_HOOK,
         ]
-        if name == "glance" and (self.etc_dir / "pyceph").is_dir():
+        if name.startswith("glance") and (self.etc_dir / "pyceph").is_dir():
             argv += ["--pythonpath", str(self.etc_dir / "pyceph")]  # Debian's rbd + rados modules only
         if name == "keystone":
             env = _clean_env(OS_KEYSTONE_CONFIG_FILES=str(self.etc_dir / "keystone.conf"))
         else:
-            env = _clean_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir))
+            env = _clean_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir / "glance2" if name == "glance2" else self.etc_dir))
         with (self.logs_dir / f"{name}-uwsgi.log").open("ab") as out:
             proc = subprocess.Popen(
                 argv,
@@ -1204,7 +1324,7 @@ class Lab:
             time.sleep(0.05)
 
     def _app_log_tail(self, name: str) -> str:
-        return _tail(self.logs_dir / ("keystone.log" if name == "keystone" else "glance-api.log"), 20)
+        return _tail(self.logs_dir / ("keystone.log" if name == "keystone" else f"{name}-api.log"), 20)
 
     def _pidfile(self, name: str) -> tuple[Path, str]:
         """run/<name>.pid of a service and a string its command line contains (this lab's config)."""
@@ -1700,6 +1820,7 @@ __all__ = [
     "FULL_STORES",
     "GLANCE_RELEASES",
     "GLANCE_RELEASE_ENV",
+    "IMAGE_LIMITS",
     "LATEST",
     "S3_ACCESS_KEY",
     "S3_BUCKET",
