@@ -110,6 +110,11 @@ def report(results: list[Result], args: argparse.Namespace, started: dt.datetime
         f"--processes {args.processes} --strategy {args.strategy}`",
         "",
         "wall = first process started -> last process exited (discovery and the run's set-up included).",
+        "Processes on one machine measure what sharing a PostgreSQL run costs (claims, leases, joins), not what",
+        "several hosts gain: here every runner competes with Glance, Keystone and PostgreSQL for the same CPUs,",
+        "while on real hosts each brings its own CPU and network (and, for copy-image, its copies run on the",
+        "glance-api nodes).",
+        *([f"- note: {args.note}"] if args.note else []),
         "",
         "| state DB | processes | images | wall s | images/s | ratio to 1 process on SQLite |",
         "|---|---:|---:|---:|---:|---:|",
@@ -128,6 +133,7 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2,4", help="runner processes on PostgreSQL, comma-separated")
     parser.add_argument("--strategy", default="copy-image", choices=["copy-image", "location-swap"])
     parser.add_argument("--out", type=Path, default=HERE / "results-multihost.md", help="Markdown report")
+    parser.add_argument("--note", default="", help="what else the machine was doing, for the report")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     started = dt.datetime.now(dt.UTC)
