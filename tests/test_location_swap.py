@@ -357,3 +357,27 @@ def test_no_credential_reaches_logs_status_or_the_state_db(
             assert secret not in text, f"{secret!r} leaked: ...{text[max(0, text.find(secret) - 200) :][:400]}..."
         location = re.search(r"\b(rbd|s3(\+https?)?)://(?!\*\*\*)", text)  # only ever shown redacted
         assert location is None, f"a location leaked: ...{text[max(0, location.start() - 200) :][:400]}..."
+
+
+@pytest.mark.parametrize("strategy", ["copy-image", "location-swap"])
+def test_an_image_also_in_a_third_store_keeps_that_copy(
+    full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, strategy: str
+) -> None:
+    """An image in old and, by an earlier Glance copy, in s3 too, moved old -> ceph: done means nothing left in
+    old; its s3 location stays (not the tool's to remove), and the image serves its bytes."""
+    seeded = seed_image(conn, f"third-store-{strategy}", os.urandom(300_000))
+    resp = conn.image.post(f"/images/{seeded.id}/import", json={"method": {"name": "copy-image"}, "stores": ["s3"]})
+    assert resp.status_code == 202, resp.text
+
+    def copied() -> bool:
+        locked = (raw_image(conn, seeded.id) or {}).get("os_glance_import_task")
+        return "s3" in stores_of(conn, seeded.id) and not locked
+
+    assert wait_for(copied, timeout=120)
+    db = tmp_path / "state.db"
+    cli("run", "--from-store", "old", "--to-store", "ceph", "--strategy", strategy, "--image", seeded.id,
+        "--db", str(db), env=env, check_rc=EXIT_OK)  # fmt: skip
+    assert stores_of(conn, seeded.id) == {"s3", "ceph"}
+    assert download_sha512(conn, seeded.id) == seeded.sha512
+    (row,) = status_json(db, env)["images"]
+    assert row["state"] == "done" and set(row["stores_after"].split(",")) == {"s3", "ceph"}, row

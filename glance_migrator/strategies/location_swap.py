@@ -301,8 +301,9 @@ def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
         return hasher
 
     hasher = _transfer(ctx, "the final download", fetch)
-    hasher.check(row, f"final download from {ctx.to_store}")
-    return StepResult(f"served from {ctx.to_store}, {hasher.size} bytes, hashes match", {"after_stores": ctx.to_store})
+    hasher.check(row, "final download")
+    where = ",".join(sorted(stores))  # the target's location, and any in other stores, which stay
+    return StepResult(f"in {where}, serves {hasher.size} bytes, hashes match", {"after_stores": where})
 
 
 STEPS: dict[State, Step] = {
