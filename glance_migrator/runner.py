@@ -204,7 +204,7 @@ class Runner:
             return False
         with self._lock:
             if not self._waiting_logged:
-                holders = sorted({row.lease_owner or "" for row in others})
+                holders = sorted({row.lease_owner or "not claimed yet" for row in others})
                 log.info(
                     "%d image(s) are being migrated by another runner (%s); waiting",
                     len(others),

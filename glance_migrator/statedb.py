@@ -42,6 +42,7 @@ LEASE_TTL: Final = timedelta(seconds=60)  # a runner renews its leases every LEA
 POOL_SIZE: Final = 64 + 4  # connections: one per worker (--workers 64 at most), the heartbeat, the main thread
 POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (StateDBError, resumable)
 READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
+IDLE_IN_WRITE: Final = 10  # seconds a write transaction may sit idle on PostgreSQL (ours take milliseconds)
 UPGRADE_LOCK: Final = 0x676D5F7570  # PostgreSQL advisory lock key ("gm_up"): hosts starting at once upgrade in turn
 INSERT_BATCH: Final = 1000  # rows per INSERT statement when a run is recorded
 
@@ -237,6 +238,10 @@ class StateDB:
     def session(self) -> Iterator[Session]:
         """A transaction that commits on success; DB-level failures become StateDBError."""
         with _db_errors(self.url), self._sessions.begin() as session:
+            if self.engine.dialect.name == "postgresql":
+                # A runner frozen mid-transaction (a paused VM) would hold its row locks, and claims skip locked
+                # rows: the server ends such a transaction instead, and the others can take the image over.
+                session.execute(sa.text(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_WRITE}s'"))
             yield session
 
     @contextmanager
@@ -450,18 +455,15 @@ class StateDB:
         return query.where(ImageRow.image_id.not_in(exclude)) if exclude else query
 
     def leased_by_others(self, run_id: int, owner: LeaseOwner) -> list[ImageRow]:
-        """Unfinished images whose lease another live runner holds (what a second runner waits for): the leased
-        rows only, read through their index."""
+        """Unfinished images that this runner process does not hold (what a runner with nothing to claim waits
+        for): held by another runner, or about to be claimed (a lease that lapsed, a row another claimer has
+        locked). Read when a claim found nothing, so only those few rows; at most 100 of them."""
         with self.reading() as s:
-            now = self._now(s)
-            leased = s.scalars(
-                self._unfinished(run_id, set()).where(
-                    ImageRow.lease_owner.is_not(None),
-                    ImageRow.lease_owner.not_like(f"{owner.host}:{owner.pid}:%:{owner.token}"),
-                    ImageRow.lease_expires >= now,
-                )
+            mine = f"{owner.host}:{owner.pid}:%:{owner.token}"
+            query = self._unfinished(run_id, set()).where(
+                sa.or_(ImageRow.lease_owner.is_(None), ImageRow.lease_owner.not_like(mine))
             )
-            return [row for row in leased if not _lease_free(row, now)]
+            return list(s.scalars(query.order_by(ImageRow.position, ImageRow.image_id).limit(100)))
 
     def leases(self, run_id: int) -> list[Lease]:
         """Every lease on an unfinished image of the run (a few: one per worker, plus stale ones), in run order."""

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from openstack.connection import Connection
 
-from glance_migrator.errors import EXIT_OK, EXIT_USAGE
+from glance_migrator.errors import EXIT_OK, EXIT_STATE_DB, EXIT_USAGE
 from tests.glancetools import cli, cli_popen, copies_of, seed_image, status_json, wait_for
 from tests.invariants import Invariants
 from tests.lab import Lab
@@ -108,10 +108,16 @@ def test_runners_on_one_postgresql_db_share_a_run_through_a_kill_and_a_freeze(
                 proc.kill()
                 proc.wait()
         engine.dispose()
-    assert codes == {"host-1": EXIT_OK, "host-2": -signal.SIGKILL, "host-3": EXIT_OK, "host-4": EXIT_OK}, (
-        codes, _logs(tmp_path))  # fmt: skip
+    # The frozen runner learns, when it wakes, that its images went to others, and lets go. Frozen in the middle
+    # of a write transaction (its row locks would keep the image from the others), the server ended that
+    # transaction meanwhile: that runner stops with a state DB error (exit 4), its images continued by the others.
     frozen_log = (tmp_path / "host-3.log").read_text()
-    assert "leaving it to that worker" in frozen_log, frozen_log  # it learnt its lease was lost, and let go
+    let_go = "leaving it to that worker" in frozen_log
+    cut = codes["host-3"] == EXIT_STATE_DB and "idle-in-transaction" in frozen_log
+    assert let_go or cut, frozen_log
+    others = {name: code for name, code in codes.items() if name != "host-3"}
+    assert others == {"host-1": EXIT_OK, "host-2": -signal.SIGKILL, "host-4": EXIT_OK}, (codes, _logs(tmp_path))
+    assert codes["host-3"] in (EXIT_OK, EXIT_STATE_DB), (codes, _logs(tmp_path))
 
     doc = status_json(url, env)
     assert doc["run"]["complete"] and Counter(row["state"] for row in doc["images"]) == {"done": len(images)}, doc
