@@ -16,6 +16,7 @@ A measurement, not a test: nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +214,32 @@ def _mem_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
 
 
+@contextlib.contextmanager
+def temporary_lab(prefix: str, stores: Sequence[Any]) -> Iterator[tuple[Path, Lab]]:
+    """A lab with these stores in a new temporary directory, started; stopped at the end and the directory removed
+    (kept, and said, when a service outlived the stop). Every benchmark's measurements go below it too."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    lab = Lab(root / "lab", stores=stores)
+    try:
+        print(f"bench: starting the lab in {root}", file=sys.stderr)
+        lab.start()
+        yield root, lab
+    finally:
+        lab.stop()
+        left = lab.running_services()
+        if left:
+            print(f"bench: lab services still running: {left}; lab kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def publish(text: str, out: Path) -> None:
+    """A benchmark's Markdown report: written to `out` and printed."""
+    out.write_text(text)
+    print(text)
+    print(f"bench: written to {out}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,256,1024", help="image sizes in MiB, comma-separated")
@@ -220,13 +248,9 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="glance-migrator-bench-"))
-    lab = Lab(root / "lab", stores=STORES)
     results: list[Measure] = []
     load = [_load()]
-    try:
-        print(f"bench: starting the lab in {root}", file=sys.stderr)
-        lab.start()
+    with temporary_lab("glance-migrator-bench-", STORES) as (root, lab):
         conn = lab.connect()
         floor = floor_rss(lab, root)
         for size_mib in sizes:
@@ -241,17 +265,7 @@ def main() -> None:
             results.append(run_tool(lab, second, size_mib, root, spool=True))
             print(f"bench: {size_mib} MiB: --spool-dir {results[-1].wall:.1f} s", file=sys.stderr)
             load.append(_load())
-    finally:
-        lab.stop()
-        left = lab.running_services()
-        if left:
-            print(f"bench: lab services still running: {left}; lab kept in {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    text = report(results, floor, sizes, started, time.monotonic() - t0, load)
-    args.out.write_text(text)
-    print(text)
-    print(f"bench: written to {args.out}", file=sys.stderr)
+    publish(report(results, floor, sizes, started, time.monotonic() - t0, load), args.out)
 
 
 if __name__ == "__main__":

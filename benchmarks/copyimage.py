@@ -22,14 +22,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench import _cpu_model, _load, _mem_gib, measured, seed
+from benchmarks.bench import _cpu_model, _load, _mem_gib, measured, publish, seed, temporary_lab
 from tests.glancetools import CLI
 from tests.lab import DEFAULT_STORES, Lab
 
@@ -126,29 +124,15 @@ def main() -> None:
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="glance-migrator-bench-copyimage-"))
-    lab = Lab(root / "lab", stores=DEFAULT_STORES)
     results: list[Pair] = []
-    try:
-        print(f"bench: starting the lab in {root}", file=sys.stderr)
-        lab.start()
+    with temporary_lab("glance-migrator-bench-copyimage-", DEFAULT_STORES) as (root, lab):
         conn = lab.connect()
         if args.large_mib:
             results.append(pair(lab, conn, f"large ({args.large_mib} MiB)", args.large_mib * MIB, 1, 1, root))
         for workers in (int(n) for n in args.workers.split(",")):
             results.append(pair(lab, conn, f"small ({args.small_kib} KiB)", args.small_kib * KIB, args.small, workers,
                                 root))  # fmt: skip
-    finally:
-        lab.stop()
-        left = lab.running_services()
-        if left:
-            print(f"bench: lab services still running: {left}; lab kept in {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    text = report(results, args, started, time.monotonic() - t0, _load())
-    args.out.write_text(text)
-    print(text)
-    print(f"bench: written to {args.out}", file=sys.stderr)
+    publish(report(results, args, started, time.monotonic() - t0, _load()), args.out)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from benchmarks.bench import _cpu_model, _load, _mem_gib, seed
+from benchmarks.bench import _cpu_model, _load, _mem_gib, publish, seed, temporary_lab
 from tests.glancetools import CLI
 from tests.lab import DEFAULT_STORES, Lab
 from tests.lab.postgres import Postgres
@@ -138,35 +136,23 @@ def main() -> None:
     counts = [int(n) for n in args.processes.split(",")]
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="glance-migrator-bench-multihost-"))
-    lab = Lab(root / "lab", stores=DEFAULT_STORES)
-    postgres = Postgres(root / "postgres")
     results: list[Result] = []
-    try:
-        print(f"bench: starting the lab and PostgreSQL in {root}", file=sys.stderr)
-        lab.start()
+    with temporary_lab("glance-migrator-bench-multihost-", DEFAULT_STORES) as (root, lab):
+        postgres = Postgres(root / "postgres")
         postgres.start()
-        conn = lab.connect()
-        configs = [("sqlite", 1)] + [("postgresql", n) for n in counts]
-        for engine, processes in configs:
-            label = f"{engine}-{processes}"
-            print(f"bench: {label}: seeding {args.images} images", file=sys.stderr)
-            ids = [seed(conn, f"bench-{label}-{i}", args.size_kib * KIB) for i in range(args.images)]
-            db = str(root / f"{label}.db") if engine == "sqlite" else postgres.create_database()
-            results.append(migrate(lab, db, ids, processes, args.strategy, root, label))
-            print(f"bench: {label}: {results[-1].wall:.1f} s, {results[-1].rate:.2f} images/s", file=sys.stderr)
-    finally:
-        postgres.stop()
-        lab.stop()
-        left = lab.running_services()
-        if left:
-            print(f"bench: lab services still running: {left}; lab kept in {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    text = report(results, args, started, time.monotonic() - t0, _load())
-    args.out.write_text(text)
-    print(text)
-    print(f"bench: written to {args.out}", file=sys.stderr)
+        try:
+            conn = lab.connect()
+            for engine, processes in [("sqlite", 1)] + [("postgresql", n) for n in counts]:
+                label = f"{engine}-{processes}"
+                print(f"bench: {label}: seeding {args.images} images", file=sys.stderr)
+                ids = [seed(conn, f"bench-{label}-{i}", args.size_kib * KIB) for i in range(args.images)]
+                db = str(root / f"{label}.db") if engine == "sqlite" else postgres.create_database()
+                results.append(migrate(lab, db, ids, processes, args.strategy, root, label))
+                rate = f"{results[-1].wall:.1f} s, {results[-1].rate:.2f} images/s"
+                print(f"bench: {label}: {rate}", file=sys.stderr)
+        finally:
+            postgres.stop()
+    publish(report(results, args, started, time.monotonic() - t0, _load()), args.out)
 
 
 if __name__ == "__main__":
