@@ -259,11 +259,11 @@ class Runner:
                     f"Glance kept failing on this image ({_cause(e)}) while it answered other requests; the "
                     "step is safe to repeat: see glance-api's log for the cause, then `glance-migrator retry`"
                 )
-                self._record(row, State.FAILED, error, error=error, error_kind="glance")
+                self._record(row, lease, State.FAILED, error, error=error, error_kind="glance")
                 log.error("%s: failed at %s: %s", label, row.state, error)
                 return
             except ImageSkipped as e:
-                self._record(row, State.SKIPPED, str(e), error=str(e), error_kind="skipped")
+                self._record(row, lease, State.SKIPPED, str(e), error=str(e), error_kind="skipped")
                 log.warning("%s: skipped: %s", label, e)
                 return
             except (ImageFailure, GlanceHTTPError) as e:  # this image cannot go on; the others can
@@ -281,21 +281,17 @@ class Runner:
                     kind, error = "quota", f"{error}. {QUOTA_HINT}"
                 if kind == "gone":  # before recording: a crash in between tidies again
                     error = "; ".join(filter(None, [error, _tidy(ctx, row)]))
-                self._record(row, outcome, error, error=error, error_kind=kind)
+                self._record(row, lease, outcome, error, error=error, error_kind=kind)
                 log.error("%s: %s at %s: %s", label, outcome, row.state, error)
                 return
-            row = self._record(row, target, result.message, **result.fields)
+            row = self._record(row, lease, target, result.message, **result.fields)
             log.info("%s: %s: %s", label, target, result.message)
             if self.stop.is_set():
                 return
 
-    def _record(self, row: ImageRow, target: State, message: str, **fields: object) -> ImageRow:
-        name = threading.current_thread().name
-        row = self.db.transition(row.run_id, row.image_id, target, message, owner=self.owner.of_worker(name), **fields)
-        with self._lock:
-            lease = self._leases.get(name)
-        if lease is not None:
-            lease.renewed = time.monotonic()  # the transition renewed it, under its row lock
+    def _record(self, row: ImageRow, lease: WorkerLease, target: State, message: str, **fields: object) -> ImageRow:
+        row = self.db.transition(row.run_id, row.image_id, target, message, owner=lease.owner, **fields)
+        lease.renewed = time.monotonic()  # the transition renewed it, under its row lock
         self._show(row)
         return row
 

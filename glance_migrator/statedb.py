@@ -129,11 +129,7 @@ class Lease:
     since: datetime | None
     expires: datetime | None
     now: datetime
-
-    @property
-    def stale(self) -> bool:
-        """Lapsed (its runner stopped renewing it) or held by a process of this host that is gone."""
-        return self.expires is None or self.expires < self.now or (self.holder is not None and self.holder.is_dead())
+    stale: bool  # lapsed (its runner stopped renewing it) or held by a process of this host that is gone
 
 
 @dataclass(frozen=True)
@@ -484,6 +480,7 @@ class StateDB:
                     row.lease_since,
                     row.lease_expires,
                     now,
+                    _lease_free(row, now),
                 )
                 for row in rows
             ]
@@ -493,9 +490,15 @@ class StateDB:
         its expiry and it was taken over). A lapsed lease nobody took is ours again: nobody else worked on it."""
         with self.session() as s:
             row = s.get(ImageRow, (run_id, image_id), with_for_update=True)
-            if row is None or row.lease_owner != str(owner):
-                raise LeaseLost(f"lease on {image_id} now held by {row.lease_owner if row else 'nobody'}")
-            row.lease_expires = self._now(s) + self.lease_ttl
+            if row is None:
+                raise LeaseLost(f"lease on {image_id} now held by nobody")
+            self._renew(s, row, owner)
+
+    def _renew(self, s: Session, row: ImageRow, owner: LeaseOwner) -> None:
+        """On a row locked in `s`: still ours (else LeaseLost), and now for another lease_ttl."""
+        if row.lease_owner != str(owner):
+            raise LeaseLost(f"lease on {row.image_id} now held by {row.lease_owner}")
+        row.lease_expires = self._now(s) + self.lease_ttl
 
     def release(self, run_id: int, image_id: str, owner: LeaseOwner) -> None:
         with self.session() as s:
@@ -529,9 +532,7 @@ class StateDB:
             if row is None:
                 raise UsageError(f"image {image_id} is not part of run {run_id}")
             if owner is not None:
-                if row.lease_owner != str(owner):
-                    raise LeaseLost(f"lease on {image_id} now held by {row.lease_owner}")
-                row.lease_expires = self._now(s) + self.lease_ttl
+                self._renew(s, row, owner)
             current = State(row.state)
             failed_at = State(row.failed_at) if row.failed_at else None
             check_transition(Strategy(row.strategy), current, target, failed_at)
