@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.glancetools import CLI
+from tests.glancetools import CLI, noise
 from tests.lab import DEFAULT_STORES, S3_STORE, Lab
 
 HERE = Path(__file__).resolve().parent
@@ -62,8 +62,10 @@ class RandomData:
 
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left, MIB)
+        first = self.left == self.size
         self.left -= n
-        return os.urandom(n)
+        # the first chunk must not look like a partition table Glance would refuse (see tests.glancetools.noise)
+        return noise(n) if first else os.urandom(n)
 
 
 def seed(conn: Any, name: str, size: int) -> str:

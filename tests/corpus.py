@@ -38,7 +38,7 @@ from pathlib import Path
 
 from openstack.connection import Connection
 
-from tests.glancetools import Seeded, raw_image, seed_image
+from tests.glancetools import Seeded, noise, raw_image, seed_image
 from tests.lab import Lab, LabError
 
 # what Glance 33 records for empty data (md5 and sha512 of b"")
@@ -317,7 +317,7 @@ def format_mismatch_image(
     off: Glance only logs a warning, so it needs no toggle (seed_image(..., disk_format="raw") makes one).
     """
     if data is None:
-        data = os.urandom(64 << 10)
+        data = noise(64 << 10)
     previous = {section: dict(values) for section, values in lab.glance_overrides.items()}
     checks_off = {**previous, **{s: {**previous.get(s, {}), **v} for s, v in FORMAT_CHECKS_OFF.items()}}
     lab.reconfigure(checks_off)

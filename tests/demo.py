@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.glancetools import CLI, seed_image
+from tests.glancetools import CLI, noise, seed_image
 from tests.lab import Lab, LabError
 
 
@@ -32,11 +32,11 @@ def main() -> int:
     demo_project = conn.identity.find_project("demo")
     print("demo: seeding images into store 'old'", flush=True)
     kinds = [
-        ("demo-cirros", os.urandom(13 << 20), {}),
-        ("demo-hidden", os.urandom(3 << 20), {"hidden": True}),
-        ("demo-community", os.urandom(1 << 20), {"visibility": "community"}),
-        ("demo-shared", os.urandom(5 << 20), {"visibility": "shared", "members": [demo_project.id]}),
-        ("demo-tagged", os.urandom(7 << 20), {"tags": ["gold"], "os_distro": "cirros"}),
+        ("demo-cirros", noise(13 << 20), {}),
+        ("demo-hidden", noise(3 << 20), {"hidden": True}),
+        ("demo-community", noise(1 << 20), {"visibility": "community"}),
+        ("demo-shared", noise(5 << 20), {"visibility": "shared", "members": [demo_project.id]}),
+        ("demo-tagged", noise(7 << 20), {"tags": ["gold"], "os_distro": "cirros"}),
     ]
     for name, data, extra in kinds:
         seed_image(conn, name, data, **extra)  # type: ignore[arg-type]

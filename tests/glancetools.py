@@ -40,6 +40,18 @@ VOLATILE = {
 CLI = [os.environ.get("GLANCE_MIGRATOR_TEST_CLI") or str(Path(sys.executable).with_name("glance-migrator"))]
 
 
+def noise(size: int) -> bytes:
+    """`size` random bytes that Glance takes as a raw image.
+
+    From Glance 30 an upload is inspected, and raw data whose bytes 510-511 are the MBR signature (55 aa) must hold
+    a valid partition table or it is refused (415, "Image failed safety checks"): 1 in 65,536 of random buffers.
+    """
+    data = bytearray(os.urandom(size))
+    if data[510:512] == b"\x55\xaa":
+        data[511] = 0
+    return bytes(data)
+
+
 @dataclass
 class Seeded:
     id: str

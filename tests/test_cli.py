@@ -20,7 +20,7 @@ from glance_migrator.errors import EXIT_CLOUD, EXIT_OK, EXIT_STATE_DB, EXIT_USAG
 from glance_migrator.models import ImageRow
 from glance_migrator.state import State, Strategy
 from glance_migrator.statedb import LeaseOwner, StateDB
-from tests.glancetools import CLI, cli, seed_image, stores_of
+from tests.glancetools import CLI, cli, noise, seed_image, stores_of
 from tests.lab.postgres import Postgres
 
 COMMANDS = ["run", "status", "retry", "check", "report"]
@@ -76,7 +76,7 @@ def test_unknown_option_is_a_usage_error() -> None:
 def test_bad_image_argument_is_refused_and_changes_nothing(
     admin_conn: Connection, env: dict[str, str], tmp_path: Path, args: list[str], message: str
 ) -> None:
-    seeded = seed_image(admin_conn, "cli-untouched", os.urandom(100))
+    seeded = seed_image(admin_conn, "cli-untouched", noise(100))
     db = tmp_path / "state.db"
     proc = cli("run", "--from-store", "old", "--to-store", "new", *args, "--db", str(db), env=env)
     assert proc.returncode == EXIT_USAGE, proc.stderr
@@ -196,7 +196,7 @@ def test_member_instead_of_admin_goes_ahead_until_glance_refuses(
 ) -> None:
     """Roles are not checked by name (a site's policy may grant the rights to another role): the run tries, and
     Glance's first policy refusal stops it for every image, saying so; nothing changed, the run is resumable."""
-    seeded = seed_image(admin_conn, "member-run", os.urandom(2000), visibility="public")
+    seeded = seed_image(admin_conn, "member-run", noise(2000), visibility="public")
     db = tmp_path / "state.db"
     demo = {**env, "OS_CLOUD": "lab-demo"}
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", str(db), env=demo)
@@ -237,7 +237,7 @@ def test_resume_and_retry_without_a_run_are_usage_errors(env: dict[str, str], tm
 def test_status_json_shape_and_retry_of_unknown_or_unfailed_image(
     admin_conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
-    seeded = seed_image(admin_conn, "cli-json", os.urandom(2000))
+    seeded = seed_image(admin_conn, "cli-json", noise(2000))
     db = str(tmp_path / "state.db")
     cli(
         "run",
@@ -307,7 +307,7 @@ API_OF_RELEASE = {30: "image API v2.17 (Glance 29-32, 2024.2-2026.1)", 33: "imag
 def test_check_reports_what_the_cloud_offers_and_changes_nothing(
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
-    seed_image(admin_conn, "check-looks-at-me", os.urandom(100))  # locations are judged on an image
+    seed_image(admin_conn, "check-looks-at-me", noise(100))  # locations are judged on an image
     proc = cli("check", "--from-store", "old", "--to-store", "new", "--spool-dir", str(tmp_path / "sp"), env=env)
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     out = proc.stdout
@@ -329,7 +329,7 @@ def test_check_fails_for_an_unknown_store_and_doubts_a_member(env: dict[str, str
 
 
 def test_status_formats_report_and_log_file(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
-    seeded = seed_image(admin_conn, "cli-formats", os.urandom(3000))
+    seeded = seed_image(admin_conn, "cli-formats", noise(3000))
     db, log = str(tmp_path / "state.db"), tmp_path / "run.log"
     cli("--log-file", str(log), "run", "--from-store", "old", "--to-store", "new", "--image", seeded.id,
         "--db", db, env=env, check_rc=EXIT_OK)  # fmt: skip
@@ -358,7 +358,7 @@ def test_status_formats_report_and_log_file(admin_conn: Connection, env: dict[st
 def test_interactive_terminal_gets_a_live_display_instead_of_step_lines(
     admin_conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
-    seeded = [seed_image(admin_conn, f"cli-live-{i}", os.urandom(2 * 1024 * 1024)) for i in range(3)]
+    seeded = [seed_image(admin_conn, f"cli-live-{i}", noise(2 * 1024 * 1024)) for i in range(3)]
     command = " ".join([*CLI, "run", "--from-store", "old", "--to-store", "new", "--workers", "2",
                         "--db", str(tmp_path / "s.db"), *[f"--image {s.id}" for s in seeded]])  # fmt: skip
     out = tmp_path / "tty.out"
@@ -381,9 +381,9 @@ def test_shell_completion_completes_commands() -> None:
 
 
 def test_owner_and_visibility_filters_and_quiet(admin_conn: Connection, env: dict[str, str], tmp_path: Path) -> None:
-    tag = os.urandom(4).hex()
-    public = seed_image(admin_conn, f"vis-{tag}-pub", os.urandom(100), visibility="public")
-    seed_image(admin_conn, f"vis-{tag}-priv", os.urandom(100), visibility="private")
+    tag = noise(4).hex()
+    public = seed_image(admin_conn, f"vis-{tag}-pub", noise(100), visibility="public")
+    seed_image(admin_conn, f"vis-{tag}-priv", noise(100), visibility="private")
     owner = public.before["owner"]
     proc = cli("-q", "run", "--from-store", "old", "--to-store", "new", "--name", f"vis-{tag}-*", "--visibility",
                "public", "--owner", owner, "--db", str(tmp_path / "s.db"), env=env, check_rc=EXIT_OK)  # fmt: skip
@@ -460,7 +460,7 @@ def test_status_and_report_read_a_large_run_while_a_runner_holds_the_write_lock(
 def test_bad_db_url_is_a_usage_error_that_shows_no_password(
     admin_conn: Connection, env: dict[str, str], db: str, message: str
 ) -> None:
-    seeded = seed_image(admin_conn, "cli-bad-db", os.urandom(100))
+    seeded = seed_image(admin_conn, "cli-bad-db", noise(100))
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--image", seeded.id, "--db", db, env=env)
     assert proc.returncode == EXIT_USAGE, proc.stderr
     assert message in _error_line(proc.stderr) and "hunter2" not in proc.stderr + proc.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 from openstack.connection import Connection
 
 from tests import corpus
-from tests.glancetools import delete_all_images, download_sha512, raw_image, seed_image, wait_for
+from tests.glancetools import delete_all_images, download_sha512, noise, raw_image, seed_image, wait_for
 from tests.lab import Lab
 
 
@@ -60,7 +59,7 @@ def full_conn(full_admin_conn: Connection) -> Iterator[Connection]:
 
 
 def test_drop_multihash_leaves_md5_only_and_the_data_served(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "pre-rocky", os.urandom(3000))
+    seeded = seed_image(conn, "pre-rocky", noise(3000))
     checksum = _image(conn, seeded.id)["checksum"]
     corpus.drop_multihash(lab, seeded.id)
     image = _image(conn, seeded.id)
@@ -71,7 +70,7 @@ def test_drop_multihash_leaves_md5_only_and_the_data_served(lab: Lab, conn: Conn
 
 
 def test_set_multihash_shows_another_algorithm(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "hashed-sha256", os.urandom(3000))
+    seeded = seed_image(conn, "hashed-sha256", noise(3000))
     value = corpus.set_multihash(lab, seeded.id, "sha256", seeded.data)
     image = _image(conn, seeded.id)
     assert (image["os_hash_algo"], image["os_hash_value"]) == ("sha256", hashlib.sha256(seeded.data).hexdigest())
@@ -80,7 +79,7 @@ def test_set_multihash_shows_another_algorithm(lab: Lab, conn: Connection) -> No
 
 
 def test_strip_store_metadata_list_hides_the_store_and_a_get_writes_it_back(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "single-store", os.urandom(3000))
+    seeded = seed_image(conn, "single-store", noise(3000))
     (url, meta), *_ = _location_rows(lab, seeded.id)
     assert meta == {"store": "old"}
     corpus.strip_store_metadata(lab, seeded.id)
@@ -99,7 +98,7 @@ def test_strip_store_metadata_list_hides_the_store_and_a_get_writes_it_back(lab:
 
 
 def test_add_location_appends_rows_glance_shows_and_serves(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "two-copies", os.urandom(3000))
+    seeded = seed_image(conn, "two-copies", noise(3000))
     (url, _), *_ = _location_rows(lab, seeded.id)
     in_new = lab.store_dir("new") / seeded.id
     second_old = lab.store_dir("old") / f"{seeded.id}.copy"
@@ -119,7 +118,7 @@ def test_add_location_appends_rows_glance_shows_and_serves(lab: Lab, conn: Conne
 
 
 def test_make_twin_two_images_one_data_object(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "original", os.urandom(5000))
+    seeded = seed_image(conn, "original", noise(5000))
     original = _image(conn, seeded.id)
     twin_id = corpus.make_twin(lab, seeded.id, "twin")
     twin = _image(conn, twin_id)
@@ -132,8 +131,8 @@ def test_make_twin_two_images_one_data_object(lab: Lab, conn: Connection) -> Non
 
 
 def test_rot_file_store_serves_the_new_bytes(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "rotten", os.urandom(4096))
-    rotten = os.urandom(4096)
+    seeded = seed_image(conn, "rotten", noise(4096))
+    rotten = noise(4096)
     (url,) = corpus.rot(lab, seeded.id, "old", rotten)
     assert (lab.store_dir("old") / seeded.id).read_bytes() == rotten and url.endswith(seeded.id)
     image = _image(conn, seeded.id)
@@ -143,7 +142,7 @@ def test_rot_file_store_serves_the_new_bytes(lab: Lab, conn: Connection) -> None
 
 def test_rot_s3_and_rbd_serve_the_new_bytes(full_lab: Lab, full_conn: Connection) -> None:
     for store in ("s3", "ceph"):
-        data, rotten = os.urandom(20000), os.urandom(20000)
+        data, rotten = noise(20000), noise(20000)
         queued = seed_image(full_conn, f"rotten-{store}", None)
         resp = full_conn.image.put(
             f"/images/{queued.id}/file",
@@ -173,7 +172,7 @@ def test_zero_byte_image_is_active_with_the_empty_hashes(lab: Lab, conn: Connect
 
 
 def test_reconfigure_hides_locations_and_back(lab: Lab, conn: Connection) -> None:
-    seeded = seed_image(conn, "configured", os.urandom(1000))
+    seeded = seed_image(conn, "configured", noise(1000))
     assert "locations" in _image(conn, seeded.id)
     lab.reconfigure({"DEFAULT": {"show_multiple_locations": "False"}})
     assert "show_multiple_locations = False" in lab.glance_conf.read_text()
@@ -192,7 +191,7 @@ def test_format_mismatch_image_glance_now_refuses_and_will_not_copy(lab: Lab, co
     refused = seed_image(conn, "refused", None, disk_format="qcow2")
     resp = conn.image.put(
         f"/images/{refused.id}/file",
-        data=io.BytesIO(os.urandom(64 << 10)),
+        data=io.BytesIO(noise(64 << 10)),
         headers={"Content-Type": "application/octet-stream"},
     )
     assert resp.status_code == 415, resp.text
@@ -238,9 +237,9 @@ def _copy_outcome(conn: Connection, image_id: str) -> dict[str, Any]:
 def test_copy_image_of_old_hashes_keeps_sha256_and_fills_in_a_missing_multihash(lab: Lab, conn: Connection) -> None:
     """What Glance 33's copy-image does with the images of drop_multihash and set_multihash: both copy; the
     sha256 one keeps its sha256 multihash, the pre-Rocky one gets a sha512 multihash written by the copy."""
-    hashed = seed_image(conn, "hashed-sha256", os.urandom(3000))
+    hashed = seed_image(conn, "hashed-sha256", noise(3000))
     corpus.set_multihash(lab, hashed.id, "sha256", hashed.data)
-    old = seed_image(conn, "pre-rocky", os.urandom(3000))
+    old = seed_image(conn, "pre-rocky", noise(3000))
     corpus.drop_multihash(lab, old.id)
     image = _copy_outcome(conn, hashed.id)
     assert (image["stores"], image["os_glance_failed_import"]) == ("old,new", "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from glance_migrator.errors import EXIT_OK
 from glance_migrator.glance import PAGE_SIZE, Glance
 from glance_migrator.sharing import LocationIndex
 from glance_migrator.state import State, Strategy
-from tests.glancetools import cli, delete_all_images, seed_image
+from tests.glancetools import cli, delete_all_images, noise, seed_image
 
 API_LIMIT_MAX = 3  # what this lab's Glance is set to serve at most per list request, here
 
@@ -35,8 +34,8 @@ def test_discovery_follows_every_page_when_glance_serves_fewer_images_than_asked
     lab: Any, small_pages: Connection, tmp_path: Path
 ) -> None:
     """8 images (3 of them hidden) listed by pages of 1000 from a Glance that serves at most 3 per request"""
-    visible = [seed_image(small_pages, f"page-{i}", os.urandom(100 + i)) for i in range(5)]
-    hidden = [seed_image(small_pages, f"page-hidden-{i}", os.urandom(10 + i), hidden=True) for i in range(3)]
+    visible = [seed_image(small_pages, f"page-{i}", noise(100 + i)) for i in range(5)]
+    hidden = [seed_image(small_pages, f"page-hidden-{i}", noise(10 + i), hidden=True) for i in range(3)]
     glance = Glance(small_pages)
     assert glance.page_size == PAGE_SIZE == 1000
     counts: list[int] = []

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from tests.glancetools import (
     cli_popen,
     copies_of,
     event_count,
+    noise,
     seed_image,
     status_json,
     wait_for,
@@ -140,7 +140,7 @@ def _seed(conn: Connection, prefix: str, sizes: list[int]) -> list[Seeded]:
         {"visibility": "community"},
         {},
     ]
-    return [seed_image(conn, f"{prefix}-{i}", os.urandom(n), **kinds[i % len(kinds)]) for i, n in enumerate(sizes)]
+    return [seed_image(conn, f"{prefix}-{i}", noise(n), **kinds[i % len(kinds)]) for i, n in enumerate(sizes)]
 
 
 def _select(images: list[Seeded]) -> list[str]:
@@ -168,7 +168,7 @@ def _clean_stop(rc: int, output: str, report: str) -> None:
 
 def test_the_proxy_injects_what_it_is_told(via_proxy: Proxied) -> None:
     p = via_proxy
-    data = os.urandom(3 * MiB)
+    data = noise(3 * MiB)
     seeded = seed_image(p.conn, "proxy-self-test", data)
     token = p.conn.session.get_token()
     assert token is not None

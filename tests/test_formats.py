@@ -3,15 +3,14 @@ bytes, by Glance's own rule (glance/location.py, ImageProxy.set_data)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from glance_migrator.formats import HEAD, head_of, refusal
 from tests.corpus import QCOW2_HEADER
+from tests.glancetools import noise
 
 QCOW2 = QCOW2_HEADER + bytes(256 * 1024)  # a real (empty) qcow2 v3 image's header, zeros after it
-RAW = os.urandom(256 * 1024)
+RAW = noise(256 * 1024)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from tests.glancetools import (
     cli_popen,
     copies_of,
     count_in_db,
+    noise,
     patch,
     raw_image,
     realtime,
@@ -72,10 +73,10 @@ def full_conn(full_lab: Any) -> Iterator[Connection]:
 
 def _images(conn: Connection, prefix: str) -> tuple[Seeded, list[Seeded]]:
     """The image that will be interfered with (first in the run), and two others that must not suffer."""
-    victim = seed_image(conn, f"{prefix}-victim", os.urandom(VICTIM_SIZE))
+    victim = seed_image(conn, f"{prefix}-victim", noise(VICTIM_SIZE))
     others = [
-        seed_image(conn, f"{prefix}-other-0", os.urandom(3 * MiB + 1), visibility="community"),
-        seed_image(conn, f"{prefix}-other-1", os.urandom(64 * 1024), hidden=True),
+        seed_image(conn, f"{prefix}-other-0", noise(3 * MiB + 1), visibility="community"),
+        seed_image(conn, f"{prefix}-other-1", noise(64 * 1024), hidden=True),
     ]
     return victim, others
 

@@ -3,7 +3,6 @@ made by hand after a good run, and the checker has to fail on it, so that a scen
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import pytest
 from openstack.connection import Connection
 
 from glance_migrator.errors import EXIT_OK
-from tests.glancetools import cli, patch, seed_image
+from tests.glancetools import cli, noise, patch, seed_image
 from tests.invariants import Invariants, _active_without_data
 
 MiB = 1 << 20
@@ -20,7 +19,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def migrated(lab: Any, admin_conn: Connection, tmp_path: Path) -> tuple[Path, list[Any]]:
-    images = [seed_image(admin_conn, f"checked-{i}", os.urandom(MiB)) for i in range(2)]
+    images = [seed_image(admin_conn, f"checked-{i}", noise(MiB)) for i in range(2)]
     db = tmp_path / "state.db"
     selection = [a for s in images for a in ("--image", s.id)]
     cli("run", "--from-store", "old", "--to-store", "new", *selection, "--db", str(db), env=lab.env(), check_rc=EXIT_OK)
@@ -39,7 +38,7 @@ def test_a_good_run_passes_and_is_recorded(lab: Any, admin_conn: Connection, mig
 
 def test_changed_bytes_count_as_lost(lab: Any, admin_conn: Connection, migrated: tuple[Path, list[Any]]) -> None:
     db, images = migrated
-    (lab.store_dir("new") / images[0].id).write_bytes(os.urandom(MiB))
+    (lab.store_dir("new") / images[0].id).write_bytes(noise(MiB))
     checker = _checker()
     with pytest.raises(AssertionError, match="images lost"):
         checker.check(lab, admin_conn, db, lab.env(), images, faults={})
@@ -68,7 +67,7 @@ def test_data_gone_counts_as_lost_and_collateral_damage_is_caught(
     """An image whose location points at data that is gone is lost (Glance answers its download with 204), and
     so is any other active image in Glance, not only the scenario's: deleting a twin's data is caught."""
     db, images = migrated
-    bystander = seed_image(admin_conn, "checked-bystander", os.urandom(1000))
+    bystander = seed_image(admin_conn, "checked-bystander", noise(1000))
     try:
         (lab.store_dir("old") / bystander.id).unlink()  # another image's data, deleted behind its back
         with pytest.raises(AssertionError, match=f"serve nothing.*{bystander.id}"):
@@ -89,7 +88,7 @@ def test_data_gone_from_s3_or_ceph_is_caught_without_reading_every_image(
     """The collateral-damage check lists the S3 bucket and the Ceph pool instead of downloading every image:
     an object or RBD image deleted behind Glance's back is still caught."""
     conn = full_admin_conn
-    in_s3, in_ceph = (seed_image(conn, f"gone-from-{store}", os.urandom(1000), store=store) for store in ("s3", "ceph"))
+    in_s3, in_ceph = (seed_image(conn, f"gone-from-{store}", noise(1000), store=store) for store in ("s3", "ceph"))
     try:
         assert _active_without_data(full_lab, conn, exempt=()) == []
         full_lab.s3_delete(in_s3.id)

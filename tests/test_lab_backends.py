@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 from openstack import exceptions
 
+from tests.glancetools import noise
 from tests.lab import CEPH_POOL, Lab
 from tests.test_lab import _copy_image_status, _stores, _upload
 
@@ -51,7 +51,7 @@ def _location_urls(conn, image_id: str) -> list[str]:
 
 def test_copy_image_to_s3_and_ceph_then_delete_from_old(full_lab: Lab, full_admin_conn, tmp_path: Path):
     conn = full_admin_conn
-    data = os.urandom(9 * MiB + 123)  # more than one 8 MiB rbd chunk
+    data = noise(9 * MiB + 123)  # more than one 8 MiB rbd chunk
     sha512 = hashlib.sha512(data).hexdigest()
     img = _upload(conn, data)
     try:

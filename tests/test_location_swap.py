@@ -23,6 +23,7 @@ from tests.glancetools import (
     copies_of,
     count_in_db,
     download_sha512,
+    noise,
     raw_image,
     seed_image,
     stable,
@@ -56,7 +57,7 @@ def _varied(conn: Connection, prefix: str, count: int = 12) -> list[Seeded]:
         {"visibility": "community", "hidden": True}, {"protected": True}, {"hw_disk_bus": "scsi"},
         {"visibility": "shared"}, {"tags": ["a", "b"]}, {"hidden": True},
     ]  # fmt: skip
-    return [seed_image(conn, f"{prefix}-{i}", os.urandom(sizes[i % 12]), **kinds[i % 12]) for i in range(count)]
+    return [seed_image(conn, f"{prefix}-{i}", noise(sizes[i % 12]), **kinds[i % 12]) for i in range(count)]
 
 
 def _select(images: list[Seeded]) -> list[str]:
@@ -94,7 +95,7 @@ def test_location_swap_survives_kill_9_at_every_step_boundary_and_mid_transfer(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, target: str, invariants: Invariants
 ) -> None:
     """location-swap: kill -9 mid-download, mid-upload and right after each step, then resume"""
-    bigs = [seed_image(conn, f"kill-{target}-big-{i}", os.urandom(60 * MiB)) for i in range(2)]
+    bigs = [seed_image(conn, f"kill-{target}-big-{i}", noise(60 * MiB)) for i in range(2)]
     images = bigs + _varied(conn, f"kill-{target}", count=6)  # the run takes them in this order
     db, log, spool = tmp_path / "state.db", tmp_path / "runner.log", tmp_path / "spool"
     common = ["--db", str(db), "--spool-dir", str(spool)]
@@ -128,7 +129,7 @@ def test_corrupt_source_fails_with_integrity_error_and_keeps_its_location(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
     """location-swap of an image whose file in the source store was changed on disk"""
-    seeded = seed_image(conn, "corrupt", os.urandom(2 * MiB))
+    seeded = seed_image(conn, "corrupt", noise(2 * MiB))
     path = full_lab.store_dir("old") / seeded.id
     data = bytearray(path.read_bytes())
     data[1000] ^= 0xFF  # one flipped bit-pattern, same size: only a hash can tell
@@ -203,7 +204,7 @@ def test_rbd_clone_child_blocks_the_image_until_it_is_gone_then_retry_finishes(
     full_lab: Any, conn: Connection, env: dict[str, str], tmp_path: Path, strategy: str, invariants: Invariants
 ) -> None:
     """Moving off Ceph an image whose RBD snapshot has a clone child (as Nova and Cinder make)"""
-    seeded = seed_image(conn, f"cloned-{strategy}", os.urandom(3 * MiB))
+    seeded = seed_image(conn, f"cloned-{strategy}", noise(3 * MiB))
     _only_in_ceph(conn, seeded)
     child = f"child-{seeded.id[:8]}"
     full_lab.rbd("clone", f"images/{seeded.id}@snap", f"images/{child}")  # as Nova and Cinder do
@@ -245,7 +246,7 @@ def test_legacy_single_store_glance_file_to_rbd(
     """Glance without enabled_backends, as the original script assumed: uploads went to default_store=file."""
     try:
         full_lab.reconfigure_legacy("file")
-        images = [seed_image(conn, f"legacy-{i}", os.urandom(n)) for i, n in enumerate((1, 5 * MiB, 700 * 1024))]
+        images = [seed_image(conn, f"legacy-{i}", noise(n)) for i, n in enumerate((1, 5 * MiB, 700 * 1024))]
         db = tmp_path / "state.db"
         args = ["--db", str(db), "--spool-dir", str(tmp_path / "spool")]
         # default_store is still file: the copy would land in the source backend; refused, nothing changed.
@@ -284,7 +285,7 @@ def test_an_image_that_cannot_fit_in_the_spool_fails_with_the_reason_and_changes
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool)], capture_output=True)
     assert mounted.returncode == 0, f"this test needs root to mount a 4 MiB tmpfs: {mounted.stderr!r}"
     try:
-        seeded = seed_image(conn, "too-big-for-spool", os.urandom(8 * MiB))
+        seeded = seed_image(conn, "too-big-for-spool", noise(8 * MiB))
         db = tmp_path / "state.db"
         proc = cli("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap",
                    "--image", seeded.id, "--spool-dir", str(spool), "--db", str(db), env=env)  # fmt: skip
@@ -306,7 +307,7 @@ def test_glance_restarted_in_the_middle_of_a_run(
 
     A server fault: glance-api goes away mid-transfer and comes back; the run rides it out or stops
     resumably (exit 3), and resuming ends with every image swapped and nothing extra left."""
-    images = [seed_image(conn, f"restart-{i}", os.urandom((40 if i < 2 else 1) * MiB)) for i in range(5)]
+    images = [seed_image(conn, f"restart-{i}", noise((40 if i < 2 else 1) * MiB)) for i in range(5)]
     db, log, spool = tmp_path / "state.db", tmp_path / "runner.log", tmp_path / "spool"
     common = ["--db", str(db), "--spool-dir", str(spool)]
     proc = cli_popen("run", "--from-store", "old", "--to-store", "s3", "--strategy", "location-swap",
@@ -331,8 +332,8 @@ def test_no_credential_reaches_logs_status_or_the_state_db(
     """With show_multiple_locations on, Glance hands out location URLs (an older glance_store puts the S3
     keys into s3:// URLs): none of them, nor the store keys, a password or a token (Keystone's fernet
     tokens start with gAAAAA), may land anywhere the tool writes, even at -v."""
-    s3 = [seed_image(conn, f"secret-s3-{i}", os.urandom(MiB)) for i in range(2)]
-    ceph = [seed_image(conn, f"secret-ceph-{i}", os.urandom(MiB)) for i in range(2)]
+    s3 = [seed_image(conn, f"secret-s3-{i}", noise(MiB)) for i in range(2)]
+    ceph = [seed_image(conn, f"secret-ceph-{i}", noise(MiB)) for i in range(2)]
     log = tmp_path / "tool.log"
     written: list[str] = []
     for target, images in (("s3", s3), ("ceph", ceph)):
@@ -365,7 +366,7 @@ def test_an_image_also_in_a_third_store_keeps_that_copy(
 ) -> None:
     """An image in old and, by an earlier Glance copy, in s3 too, moved old -> ceph: done means nothing left in
     old; its s3 location stays (not the tool's to remove), and the image serves its bytes."""
-    seeded = seed_image(conn, f"third-store-{strategy}", os.urandom(300_000))
+    seeded = seed_image(conn, f"third-store-{strategy}", noise(300_000))
     resp = conn.image.post(f"/images/{seeded.id}/import", json={"method": {"name": "copy-image"}, "stores": ["s3"]})
     assert resp.status_code == 202, resp.text
 

@@ -35,6 +35,7 @@ from tests.glancetools import (
     count_in_db,
     delete_all_images,
     event_count,
+    noise,
     raw_image,
     seed_image,
     status_json,
@@ -89,8 +90,7 @@ def _mixed_images(conn: Connection, demo_project: str, prefix: str, count: int =
         {"hidden": True, "tags": ["h"]},
     ]
     return [
-        seed_image(conn, f"{prefix}-{i}", os.urandom(sizes[i % len(sizes)]), **kinds[i % len(kinds)])
-        for i in range(count)
+        seed_image(conn, f"{prefix}-{i}", noise(sizes[i % len(sizes)]), **kinds[i % len(kinds)]) for i in range(count)
     ]
 
 
@@ -101,7 +101,7 @@ def test_full_run_moves_every_image_hidden_and_community_included(
     demo = clean.identity.find_project("demo").id
     images = _mixed_images(clean, demo, "full")
     queued = seed_image(clean, "full-queued", None)
-    deactivated = seed_image(clean, "full-deactivated", os.urandom(1000))
+    deactivated = seed_image(clean, "full-deactivated", noise(1000))
     assert clean.image.post(f"/images/{deactivated.id}/actions/deactivate").status_code == 204
     db = tmp_path / "state.db"
 
@@ -141,7 +141,7 @@ def test_kill_9_mid_run_then_resume_ends_with_every_image_migrated(
     """copy-image: kill -9 after 3, 9, 17, 26 and 38 transitions, then resume"""
     demo = admin_conn.identity.find_project("demo").id
     images = _mixed_images(admin_conn, demo, "kill", count=12)
-    images += [seed_image(admin_conn, f"kill-big-{i}", os.urandom(40 * MiB)) for i in range(2)]
+    images += [seed_image(admin_conn, f"kill-big-{i}", noise(40 * MiB)) for i in range(2)]
     db = tmp_path / "state.db"
     args = ["--db", str(db), "--workers", "2"]
     selection = [a for s in images for a in ("--image", s.id)]
@@ -174,8 +174,8 @@ def test_failed_copy_is_recorded_and_retry_finishes_it(
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
     """Glance's own copy task fails (a file in the way in the target store), then retry"""
-    good = seed_image(admin_conn, "retry-good", os.urandom(MiB))
-    bad = seed_image(admin_conn, "retry-bad", os.urandom(2 * MiB))
+    good = seed_image(admin_conn, "retry-good", noise(MiB))
+    bad = seed_image(admin_conn, "retry-bad", noise(2 * MiB))
     blocker = lab.store_dir("new") / bad.id  # a stray file where the copy must go makes Glance's copy fail
     blocker.write_bytes(b"in the way")
     db = tmp_path / "state.db"
@@ -211,7 +211,7 @@ def test_failed_copy_is_recorded_and_retry_finishes_it(
 def test_image_already_in_target_only_is_done_without_work(
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
-    seeded = seed_image(admin_conn, "already", os.urandom(1000))
+    seeded = seed_image(admin_conn, "already", noise(1000))
     db = tmp_path / "state.db"
     cli(
         "run",
@@ -249,7 +249,7 @@ def test_ctrl_c_finishes_the_step_in_flight_then_resume_completes(
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
     """copy-image: Ctrl-C (graceful), then a double Ctrl-C (abort), then resume"""
-    images = [seed_image(admin_conn, f"sigint-{i}", os.urandom((30 if i < 2 else 1) * MiB)) for i in range(6)]
+    images = [seed_image(admin_conn, f"sigint-{i}", noise((30 if i < 2 else 1) * MiB)) for i in range(6)]
     db = tmp_path / "state.db"
     log = tmp_path / "runner.log"
     proc = cli_popen(
@@ -304,7 +304,7 @@ def test_two_runners_on_one_db_never_work_on_the_same_image(
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
     """Two runners on one state DB at once"""
-    images = [seed_image(admin_conn, f"pair-{i}", os.urandom((8 if i % 3 == 0 else 1) * MiB)) for i in range(8)]
+    images = [seed_image(admin_conn, f"pair-{i}", noise((8 if i % 3 == 0 else 1) * MiB)) for i in range(8)]
     db = tmp_path / "state.db"
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = cli_popen(
@@ -337,7 +337,7 @@ def test_a_copy_someone_else_finished_before_the_run_is_made_again(
     """Old data goes only once a Glance copy that this run saw finish wrote the new copy: one made before the run
     (by someone, or long ago, its bytes may have rotted since) is deleted while the image is whole in the old
     store and Glance copies again. A copy still running when the run looks is adopted instead."""
-    seeded = seed_image(admin_conn, "made-before", os.urandom(6 * MiB))
+    seeded = seed_image(admin_conn, "made-before", noise(6 * MiB))
     resp = admin_conn.image.post(
         f"/images/{seeded.id}/import", json={"method": {"name": "copy-image"}, "stores": ["new"]}
     )
@@ -356,7 +356,7 @@ def test_a_copy_someone_else_finished_before_the_run_is_made_again(
 def test_dry_run_says_what_would_happen_and_changes_nothing(
     admin_conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
-    todo = seed_image(admin_conn, "dry-todo", os.urandom(4321))
+    todo = seed_image(admin_conn, "dry-todo", noise(4321))
     queued = seed_image(admin_conn, "dry-queued", None)
     db = tmp_path / "state.db"
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--dry-run", "--image", todo.id,
@@ -371,9 +371,9 @@ def test_dry_run_says_what_would_happen_and_changes_nothing(
 def test_filters_choose_and_order_the_images_of_a_run(
     admin_conn: Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
-    tag = os.urandom(4).hex()
+    tag = noise(4).hex()
     sizes = {"a": 3000, "b": 1000, "c": 2000, "d": 5000, "e": 10}
-    seeded = {k: seed_image(admin_conn, f"flt-{tag}-{k}", os.urandom(n)) for k, n in sizes.items()}
+    seeded = {k: seed_image(admin_conn, f"flt-{tag}-{k}", noise(n)) for k, n in sizes.items()}
     proc = cli("run", "--from-store", "old", "--to-store", "new", "--dry-run", "--name", f"flt-{tag}-*",
                "--exclude", f"flt-{tag}-c", "--exclude", seeded["d"].id, "--min-size", "100",
                "--order", "smallest", "--limit", "2", env=env, check_rc=EXIT_OK)  # fmt: skip
@@ -389,7 +389,7 @@ def test_copy_image_of_a_corrupted_source_is_an_integrity_failure_and_removes_no
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
     """copy-image of an image whose file in the source store was changed on disk"""
-    seeded = seed_image(admin_conn, "corrupt-copy", os.urandom(MiB))
+    seeded = seed_image(admin_conn, "corrupt-copy", noise(MiB))
     path = lab.store_dir("old") / seeded.id
     data = bytearray(path.read_bytes())
     data[4096] ^= 0x01  # same size, different bytes: only a hash can tell
@@ -410,7 +410,7 @@ def test_state_db_disk_full_stops_cleanly_and_changes_nothing(
     lab: Any, admin_conn: Connection, env: dict[str, str], tmp_path: Path, invariants: Invariants
 ) -> None:
     """The state DB's disk is full (a 2 MiB tmpfs), then freed"""
-    seeded = seed_image(admin_conn, "disk-full", os.urandom(MiB))
+    seeded = seed_image(admin_conn, "disk-full", noise(MiB))
     small = tmp_path / "small"
     small.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
@@ -449,10 +449,10 @@ def test_crash_loop_random_kills_until_done(
 
     ~30 images of mixed sizes; the runner is SIGKILLed at random moments, dozens of times, each time
     followed by `run --resume`, until the run completes: every image must end migrated, nothing lost."""
-    seed = int.from_bytes(os.urandom(4), "big")
+    seed = int.from_bytes(noise(4), "big")
     rng = random.Random(seed)
     demo = admin_conn.identity.find_project("demo").id
-    images = [seed_image(admin_conn, f"loop-big-{i}", os.urandom(40 * MiB)) for i in range(4)]
+    images = [seed_image(admin_conn, f"loop-big-{i}", noise(40 * MiB)) for i in range(4)]
     images += _mixed_images(admin_conn, demo, "loop", count=26)
     db, log = tmp_path / "state.db", tmp_path / "runner.log"
     start = ["--from-store", "old", "--to-store", "new", *[a for s in images for a in ("--image", s.id)]]
@@ -772,10 +772,10 @@ def test_copy_image_survives_kill_9_at_every_state_boundary_and_mid_copy(
     demo = cast(Any, admin_conn).identity.find_project("demo").id
     tag = f"k9-{where}"
     images = [
-        seed_image(admin_conn, f"{tag}-big-0", os.urandom(64 * MiB)),
-        seed_image(admin_conn, f"{tag}-1", os.urandom(MiB + 17), hidden=True, tags=["k9"]),
-        seed_image(admin_conn, f"{tag}-big-2", os.urandom(32 * MiB), visibility="shared", members=[demo]),
-        seed_image(admin_conn, f"{tag}-3", os.urandom(12345), visibility="community", os_distro="cirros"),
+        seed_image(admin_conn, f"{tag}-big-0", noise(64 * MiB)),
+        seed_image(admin_conn, f"{tag}-1", noise(MiB + 17), hidden=True, tags=["k9"]),
+        seed_image(admin_conn, f"{tag}-big-2", noise(32 * MiB), visibility="shared", members=[demo]),
+        seed_image(admin_conn, f"{tag}-3", noise(12345), visibility="community", os_distro="cirros"),
     ]  # one worker takes them in this order; between-images and mid-copy may be caught on a later image
     db, log = tmp_path / "state.db", tmp_path / "runner.log"
     ids = [a for s in images for a in ("--image", s.id)]
@@ -927,8 +927,8 @@ def _glance_down_mid_copy(lab: Any, conn: Connection, env: dict[str, str], tmp_p
     big one into store new, take glance-api down `how` and start it again, then wait for the run to end (resumed if it
     stopped with exit 3). how: "restart" (lab.restart_glance()), "restart-busy" (the same while glance-api streams
     that image to a client that reads nothing) or "kill" (SIGKILL to glance-api, then started again)."""
-    big = seed_image(conn, f"{how}-copy-big", os.urandom(BIG))
-    images = [big, *(seed_image(conn, f"{how}-copy-{i}", os.urandom(MiB + i)) for i in range(3))]
+    big = seed_image(conn, f"{how}-copy-big", noise(BIG))
+    images = [big, *(seed_image(conn, f"{how}-copy-{i}", noise(MiB + i)) for i in range(3))]
     db, log = tmp_path / "state.db", tmp_path / "runner.log"
     target = lab.store_dir("new") / big.id
     common = ["--db", str(db), "--stuck-after", str(STUCK_AFTER_S)]
@@ -1069,7 +1069,7 @@ def test_glance_restarted_between_steps_the_copy_image_run_rides_it_out_or_resum
     finish: a copy in flight is the tests above), glance-api is stopped, the runner goes on and meets it stopped
     (connection refused, retried), then it starts again: the run rides it out, or stops resumably (exit 3) and
     `run --resume` finishes it. No step recorded twice, no copy asked for twice."""
-    images = [seed_image(admin_conn, f"restart-{after}-{i}", os.urandom(MiB + 7 * i)) for i in range(5)]
+    images = [seed_image(admin_conn, f"restart-{after}-{i}", noise(MiB + 7 * i)) for i in range(5)]
     db, log = tmp_path / "state.db", tmp_path / "runner.log"
     ids = [a for s in images for a in ("--image", s.id)]
     args = ["--db", str(db), "--stuck-after", str(STUCK_AFTER_S)]  # a copy that died would fail in 20 s, not 600

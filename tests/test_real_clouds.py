@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from tests.corpus import (
     zero_byte_image,
 )
 from tests.faultproxy import FaultProxy
-from tests.glancetools import Seeded, cli, download_sha512, raw_image, seed_image, stable, status_json, stores_of
+from tests.glancetools import Seeded, cli, download_sha512, noise, raw_image, seed_image, stable, status_json, stores_of
 from tests.invariants import Invariants
 from tests.lab import IMAGE_LIMITS
 
@@ -80,15 +79,15 @@ def cloud(
 
 
 def _old_hash_corpus(lab: Any, conn: Connection, prefix: str) -> dict[str, Seeded]:
-    md5_only = seed_image(conn, f"{prefix}-pre-rocky", os.urandom(MiB + 3))
+    md5_only = seed_image(conn, f"{prefix}-pre-rocky", noise(MiB + 3))
     drop_multihash(lab, md5_only.id)
-    sha256 = seed_image(conn, f"{prefix}-sha256", os.urandom(MiB // 2))
+    sha256 = seed_image(conn, f"{prefix}-sha256", noise(MiB // 2))
     set_multihash(lab, sha256.id, "sha256", sha256.data)
     images = {
         "md5-only": md5_only,
         "sha256": sha256,
         "empty": zero_byte_image(conn, f"{prefix}-empty"),
-        "plain": seed_image(conn, f"{prefix}-plain", os.urandom(4096)),
+        "plain": seed_image(conn, f"{prefix}-plain", noise(4096)),
     }
     return {kind: _as_now(conn, seeded) for kind, seeded in images.items()}
 
@@ -120,7 +119,7 @@ def test_an_image_with_two_locations_in_the_old_store_leaves_it_whole(
     cloud: Cloud, strategy: str, to_store: str
 ) -> None:
     """Glance's store delete removes one location per call: every location in the old store goes, both files."""
-    seeded = seed_image(cloud.conn, f"two-old-locations-{strategy}", os.urandom(MiB))
+    seeded = seed_image(cloud.conn, f"two-old-locations-{strategy}", noise(MiB))
     first = cloud.lab.store_dir("old") / seeded.id
     second = first.with_name(f"{seeded.id}.second")
     shutil.copyfile(first, second)
@@ -151,7 +150,7 @@ def test_sharing_is_seen_when_glance_hides_locations(cloud: Cloud) -> None:
     /v2/images/ID/locations (admin from Glance 32, a --service-cloud token before): an image whose old data is another
     image's only data is blocked, and that image keeps serving it. (The guard used to return without looking: the
     twin lost its data.)"""
-    original = seed_image(cloud.conn, "hidden-sharing", os.urandom(MiB))
+    original = seed_image(cloud.conn, "hidden-sharing", noise(MiB))
     twin = make_twin(cloud.lab, original.id, "hidden-sharing-twin")
     cloud.lab.reconfigure(HIDDEN)
     try:
@@ -168,7 +167,7 @@ def test_a_twin_whose_location_names_no_store_is_seen(cloud: Cloud) -> None:
     """A converted single-store cloud's locations carry no store metadata in the image list: the sharing
     index matches data by URL whatever the metadata says. (It used to take only locations naming the source
     store: the twin lost its data.)"""
-    original = seed_image(cloud.conn, "storeless-sharing", os.urandom(MiB))
+    original = seed_image(cloud.conn, "storeless-sharing", noise(MiB))
     twin = make_twin(cloud.lab, original.id, "storeless-sharing-twin")
     strip_store_metadata(cloud.lab, twin)
     db = cloud.run(
@@ -184,7 +183,7 @@ def test_unseen_sharing_stops_the_run_before_any_delete_unless_accepted(cloud: C
     service role only, as Glance 30.1-31 ship it), sharing cannot be known: `check` says so, a run refuses to
     start and a resumed run stops before its first delete, both naming --accept-unseen-sharing, which lets
     them go on."""
-    original = seed_image(cloud.conn, "unseen-sharing", os.urandom(MiB))
+    original = seed_image(cloud.conn, "unseen-sharing", noise(MiB))
     twin = make_twin(cloud.lab, original.id, "unseen-sharing-twin")
     db = cloud.run(
         [original], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL, expect={original.id: "blocked"}
@@ -198,7 +197,7 @@ def test_unseen_sharing_stops_the_run_before_any_delete_unless_accepted(cloud: C
     try:
         check = cloud.cli("check", "--from-store", "old", "--to-store", "new", rc=EXIT_CLOUD)
         assert "--accept-unseen-sharing" in check.stdout, check.stdout
-        other = seed_image(cloud.conn, "unseen-sharing-new-run", os.urandom(1000))
+        other = seed_image(cloud.conn, "unseen-sharing-new-run", noise(1000))
         refused = cloud.cli(
             "run",
             "--from-store",
@@ -229,7 +228,7 @@ def test_a_copy_in_the_target_store_that_nothing_proves_is_made_again(cloud: Clo
     location add) whose bytes are not the image's: copy-image deletes that unproven copy, lets Glance copy
     afresh, and only then deletes the old data. (It used to take the rotted copy as copied, delete the good old
     data, and serve the wrong bytes.)"""
-    seeded = seed_image(cloud.conn, "rotted-target-copy", os.urandom(MiB))
+    seeded = seed_image(cloud.conn, "rotted-target-copy", noise(MiB))
     rotted = cloud.lab.store_dir("new") / f"{seeded.id}.hand-added"
     rotted.write_bytes(bytes([seeded.data[0] ^ 0xFF]) + seeded.data[1:])
     add_location(cloud.lab, seeded.id, f"file://{rotted}", "new")
@@ -244,7 +243,7 @@ def test_location_swap_removes_an_unproven_location_in_the_target_store(cloud: C
     """location-swap of an image that already lists a location in the target store (hand-added, its bytes not
     the image's): only the copy this run uploaded and verified stays; the unproven location goes before the old
     data does. (Glance served that location first: the image ended serving the wrong bytes.)"""
-    seeded = seed_image(cloud.conn, "rotted-target-location", os.urandom(MiB))
+    seeded = seed_image(cloud.conn, "rotted-target-location", noise(MiB))
     key = f"{seeded.id}.hand-added"
     cloud.lab.s3_put(key, bytes([seeded.data[0] ^ 0xFF]) + seeded.data[1:])
     add_location(cloud.lab, seeded.id, cloud.lab.s3_location(key), "s3")
@@ -259,7 +258,7 @@ def test_data_that_does_not_match_its_disk_format_fails_as_format(cloud: Cloud, 
     --inspect-formats, and the run fails it with kind `format` and Glance's reason (copy-image's task says only
     "Internal Error"; location-swap's upload gets 415), never as corrupt; the other image moves."""
     mismatched = format_mismatch_image(cloud.lab, cloud.conn, f"format-mismatch-{strategy}")
-    plain = seed_image(cloud.conn, f"format-plain-{strategy}", os.urandom(4096))
+    plain = seed_image(cloud.conn, f"format-plain-{strategy}", noise(4096))
     args = ["--from-store", "old", "--to-store", to_store, "--strategy", strategy]
     plan = cloud.cli("run", "--dry-run", "--inspect-formats", *args, "--image", mismatched.id, "--image", plain.id,
                      rc=EXIT_OK)  # fmt: skip
@@ -280,28 +279,28 @@ def test_a_mixed_corpus_ends_on_its_own_and_loses_nothing(cloud: Cloud, strategy
     image is moved or fails with a reason (kind `format` for the mismatch only); a resume loop ends at once."""
     prefix = f"mixed-{strategy}"
     corpus = _old_hash_corpus(cloud.lab, cloud.conn, prefix)
-    two = seed_image(cloud.conn, f"{prefix}-two-locations", os.urandom(MiB // 4))
+    two = seed_image(cloud.conn, f"{prefix}-two-locations", noise(MiB // 4))
     second = cloud.lab.store_dir("old") / f"{two.id}.second"
     shutil.copyfile(cloud.lab.store_dir("old") / two.id, second)
     add_location(cloud.lab, two.id, f"file://{second}", "old")
-    original = seed_image(cloud.conn, f"{prefix}-shared", os.urandom(MiB // 4))
+    original = seed_image(cloud.conn, f"{prefix}-shared", noise(MiB // 4))
     twin_id = make_twin(cloud.lab, original.id, f"{prefix}-shared-twin")
     twin = _as_now(cloud.conn, Seeded(twin_id, original.data, {}, []))
-    unproven = seed_image(cloud.conn, f"{prefix}-unproven-target", os.urandom(MiB // 4))
+    unproven = seed_image(cloud.conn, f"{prefix}-unproven-target", noise(MiB // 4))
     if to_store == "new":
         hand_added = cloud.lab.store_dir("new") / f"{unproven.id}.hand-added"
-        hand_added.write_bytes(os.urandom(len(unproven.data)))
+        hand_added.write_bytes(noise(len(unproven.data)))
         add_location(cloud.lab, unproven.id, f"file://{hand_added}", "new")
     else:
         key = f"{unproven.id}.hand-added"
-        cloud.lab.s3_put(key, os.urandom(len(unproven.data)))
+        cloud.lab.s3_put(key, noise(len(unproven.data)))
         add_location(cloud.lab, unproven.id, cloud.lab.s3_location(key), "s3")
     mismatched = format_mismatch_image(cloud.lab, cloud.conn, f"{prefix}-format")
     images = [
         *corpus.values(),
         *(_as_now(cloud.conn, s) for s in (two, original, unproven, mismatched)),
         twin,
-        *(seed_image(cloud.conn, f"{prefix}-plain-{i}", os.urandom(1000 * (i + 1))) for i in range(3)),
+        *(seed_image(cloud.conn, f"{prefix}-plain-{i}", noise(1000 * (i + 1))) for i in range(3)),
     ]
     db = cloud.run(images, "--to-store", to_store, "--strategy", strategy, "--workers", "3", rc=EXIT_PARTIAL,
                    expect={mismatched.id: "failed"})  # fmt: skip
@@ -326,7 +325,7 @@ def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(c
     project's limits: with room for one copy, one image moves and the others fail with kind `quota` and the hint
     (Glance's 413 on creating B, or on uploading its data), the run goes on and exits 1, nothing is lost; `check`
     says the limits are on; once the limit is raised, `retry --all-failed` moves them."""
-    images = [seed_image(cloud.conn, f"over-{resource}-{i}", os.urandom(2 * MiB)) for i in range(3)]  # whole MiB
+    images = [seed_image(cloud.conn, f"over-{resource}-{i}", noise(2 * MiB)) for i in range(3)]  # whole MiB
     db, ids = cloud.tmp / "state.db", [arg for s in images for arg in ("--image", s.id)]
     with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
         used = cloud.conn.image.get("/info/usage").json()["usage"][resource]["usage"]
@@ -367,7 +366,7 @@ def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_chil
     old is not available on this node". The image fails with kind `refused` saying so, not blocked as held by
     RBD clone children (the other 409), its data intact; once the balancer no longer sends it there, `retry`
     finishes it."""
-    seeded = seed_image(cloud.conn, "node-without-old-store", os.urandom(MiB))
+    seeded = seed_image(cloud.conn, "node-without-old-store", noise(MiB))
     without_old = {"DEFAULT": {"enabled_backends": "new:file"}, "glance_store": {"default_backend": "new"}}
     with cloud.lab.glance_node(without_old) as node, FaultProxy(cloud.lab.glance_port) as balancer:
         balancer.route(node, method="DELETE", path=r"^/v2/stores/old/", times=100)  # every store delete
@@ -389,7 +388,7 @@ def test_a_location_remove_on_a_node_without_the_ceph_store_is_not_called_clone_
     has no rbd driver), the same status Glance gives when RBD clone children hold the data. The image fails with
     kind `refused` naming the node, both locations and the Ceph data intact; `retry` finishes it once every node
     has the store. (It was blocked as held by clone children.)"""
-    seeded = seed_image(cloud.conn, "swap-node-without-ceph", os.urandom(MiB), store="ceph")
+    seeded = seed_image(cloud.conn, "swap-node-without-ceph", noise(MiB), store="ceph")
     without_ceph = {"DEFAULT": {"enabled_backends": "old:file, new:file, s3:s3"}}
     db = cloud.tmp / "state.db"
     args = ["--image", seeded.id, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db)]
@@ -415,7 +414,7 @@ def test_a_copy_over_the_keystone_staging_limit_fails_as_quota_until_it_is_raise
     Glance's limit message. The image fails with kind `quota` and the hint, intact; once the limit is raised,
     `retry --all-failed` moves it. (It used to be asked for again three times, then failed as "Glance dropped the
     copy", kind `glance`.)"""
-    seeded = seed_image(cloud.conn, "over-image_stage_total", os.urandom(2 * MiB))
+    seeded = seed_image(cloud.conn, "over-image_stage_total", noise(2 * MiB))
     with cloud.lab.keystone_limits(dict.fromkeys(IMAGE_LIMITS, GENEROUS)):
         cloud.lab.set_image_limit("admin", "image_stage_total", 1)  # less than the image's 2 MiB
         db = cloud.run([seeded], "--to-store", "new", "--strategy", "copy-image", rc=EXIT_PARTIAL,

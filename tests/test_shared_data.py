@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tests.glancetools import (
     count_in_db,
     download_sha512,
     members_of,
+    noise,
     patch,
     raw_image,
     seed_image,
@@ -64,7 +64,7 @@ def _in_ceph(conn: Connection, name: str, data: bytes) -> Seeded:
 def _twins_on_one_object(conn: Connection, name: str, size: int) -> tuple[Seeded, Seeded]:
     """What the 2015 script left: an image in ceph, and a second image (same bytes, its own checksum and hash)
     whose only location is the first one's data object."""
-    data = os.urandom(size)
+    data = noise(size)
     original, twin = _in_ceph(conn, name, data), _in_ceph(conn, f"{name}-twin", data)
     image = raw_image(conn, original.id)
     assert image is not None
@@ -151,7 +151,7 @@ def test_moving_on_from_an_earlier_location_swap_retires_its_old_copy(
     invariants: Invariants,
 ) -> None:
     """A second migration (ceph -> s3) of an image that an earlier location-swap moved (old -> ceph)"""
-    data = os.urandom(3 * MiB)
+    data = noise(3 * MiB)
     seeded = seed_image(full_admin_conn, f"two-hops-{strategy}", data)
     spool = tmp_path / "spool"
     cli("run", "--from-store", "old", "--to-store", "ceph", "--strategy", "location-swap", "--image", seeded.id,
@@ -187,8 +187,8 @@ def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
 ) -> None:
     """Images that start listing a migrating image's data after discovery listed every image: the index made from
     that listing is brought up to date from the images Glance changed since, not by listing every image again."""
-    original = _in_ceph(full_admin_conn, "late-sharing", os.urandom(MiB + 11))
-    later = _in_ceph(full_admin_conn, "late-sharing-later", os.urandom(1000))
+    original = _in_ceph(full_admin_conn, "late-sharing", noise(MiB + 11))
+    later = _in_ceph(full_admin_conn, "late-sharing-later", noise(1000))
     glance = Glance(full_admin_conn)
     reads: list[str | None] = []
     list_images = glance.list_images
@@ -219,7 +219,7 @@ def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
     assert len(reads) == 1 and reads[0] is not None  # only the images changed since discovery were listed
 
     # And one more, made after that: seen once the index is older than INDEX_MAX_AGE (0 here).
-    third = _in_ceph(full_admin_conn, "late-sharing-third", os.urandom(1000))
+    third = _in_ceph(full_admin_conn, "late-sharing-third", noise(1000))
     patch(full_admin_conn, third.id, [{"op": "add", "path": "/locations/-", "value": location}])
     assert shared.listing({url}, but=original.id) == {later.id}  # trusted for INDEX_MAX_AGE
     monkeypatch.setattr(sharing, "INDEX_MAX_AGE", 0.0)
@@ -232,8 +232,8 @@ def test_where_glance_hides_locations_the_index_reads_changed_images_through_the
 ) -> None:
     """show_multiple_locations = False: discovery's listing shows no location, so the first lookup reads every
     image through GET /v2/images/ID/locations; later reads ask it only for the images changed since"""
-    original = _in_ceph(full_admin_conn, "hidden-sharing", os.urandom(MiB + 5))
-    later = _in_ceph(full_admin_conn, "hidden-sharing-later", os.urandom(1000))
+    original = _in_ceph(full_admin_conn, "hidden-sharing", noise(MiB + 5))
+    later = _in_ceph(full_admin_conn, "hidden-sharing-later", noise(1000))
     image = raw_image(full_admin_conn, original.id)
     assert image is not None
     (location,) = image["locations"]

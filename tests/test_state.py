@@ -157,8 +157,10 @@ def test_claims_go_in_run_order_skip_held_rows_and_take_a_dead_holders_row_first
     # ids[0] is held by a live runner elsewhere, ids[1] by a process of this host that is gone: taken first
     assert db.claim_next(run.id, me, set()).image_id == ids[1]  # type: ignore[union-attr]
     assert db.claim_next(run.id, me, {ids[2]}).image_id == ids[3]  # type: ignore[union-attr]
-    # what a runner with nothing to claim waits for: every unfinished image its own workers do not hold
-    assert [r.image_id for r in db.leased_by_others(run.id, me)] == [ids[0], ids[2], ids[4]]
+    # what a runner with nothing to claim waits for: every unfinished image its busy workers do not hold, among
+    # them one its own process holds without a worker on it (a release that failed): it waits for that lease to lapse
+    assert [r.image_id for r in db.leased_by_others(run.id, [me])] == [ids[0], ids[2], ids[4]]
+    assert [r.image_id for r in db.leased_by_others(run.id, [me.of_worker("w2")])] == ids
     db.transition(run.id, ids[3], State.COPY_REQUESTED, "x", owner=me)
     db.transition(run.id, ids[3], State.FAILED, "x", owner=me)
     db.release(run.id, ids[3], me)
@@ -177,7 +179,7 @@ def test_claims_and_lease_lookups_read_an_index_not_every_row(db: StateDB) -> No
     sa.event.listen(db.engine, "before_cursor_execute", listen)
     try:
         db.claim_next(run.id, LeaseOwner.me(), {"nothing"})
-        db.leased_by_others(run.id, LeaseOwner.me())
+        db.leased_by_others(run.id, [LeaseOwner.me()])
     finally:
         sa.event.remove(db.engine, "before_cursor_execute", listen)
     selects = [(sql, params) for sql, params in statements if sql.lstrip().upper().startswith("SELECT")

@@ -6,6 +6,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from glance_migrator.errors import StateDBError, UsageError
+from glance_migrator.errors import StateDBConnectionLost, StateDBError, UsageError
 from glance_migrator.models import Base
 from glance_migrator.statedb import StateDB
 from tests.lab.postgres import Postgres
@@ -172,6 +173,29 @@ def test_postgresql_db_is_built_by_the_same_migrations_and_refuses_what_sqlite_r
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", database=other.rsplit("/", 1)[1]
     )
     assert tables.stdout.split() == ["customers"]
+
+
+def test_a_write_transaction_left_idle_is_ended_by_postgresql_and_reported_as_a_lost_connection(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner frozen mid-transaction (a paused VM) must not keep its row locks: PostgreSQL ends the transaction.
+    The runner learns it as a lost connection (its worker lets go of the image; runner.py), and the next
+    transaction gets a new connection."""
+    from glance_migrator import statedb  # noqa: PLC0415
+
+    monkeypatch.setattr(statedb, "IDLE_IN_WRITE", 1)
+    db = StateDB.open(postgres.create_database())
+    try:
+        lost = pytest.raises(StateDBConnectionLost, match=r"connection was lost.*idle-in-transaction")
+        with lost, db.session() as s:
+            s.execute(sa.text("SELECT 1"))
+            time.sleep(2.5)  # frozen, holding the transaction open
+            s.execute(sa.text("SELECT 1"))
+        assert db.has_runs() is False  # reads work again
+        with db.session() as s:  # and so do writes
+            assert s.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        db.close()
 
 
 def test_several_hosts_opening_a_new_postgresql_db_at_once_build_it_once(postgres: Postgres) -> None:
