@@ -43,6 +43,12 @@ class StateDBError(MigratorError):
     exit_code = EXIT_STATE_DB
 
 
+class StateDBConnectionLost(StateDBError):
+    """The connection to the state DB broke in a transaction (the server ended it, restarted, or the network
+    dropped it). Nothing of that transaction is relied on: the worker lets go of its image, which continues from
+    its last recorded step; only a DB that stays unreachable stops the run."""
+
+
 class BusyError(MigratorError):
     """Another live runner holds the leases this command needs."""
 

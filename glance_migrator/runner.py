@@ -25,6 +25,7 @@ from glance_migrator.errors import (
     ImageSkipped,
     InternalError,
     MigratorError,
+    StateDBConnectionLost,
 )
 from glance_migrator.glance import Glance, GlanceHTTPError, GlanceUnavailable
 from glance_migrator.models import ImageRow, Run
@@ -37,6 +38,7 @@ from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, st
 log = logging.getLogger(__name__)
 
 WAIT_FOR_OTHERS: Final = 2.0  # seconds between looks when another runner holds the remaining images
+DB_RECONNECTS: Final = 3  # state DB connections lost in a row before a worker stops the run (the DB is down)
 QUOTA_HINT: Final = (
     "The image quota (Keystone unified limits) is exhausted: location-swap's copies and copy-image's staging "
     "count against the migrating project's limits (`glance-migrator check` shows them); raise them for the "
@@ -157,7 +159,10 @@ class Runner:
                 try:
                     lease.renew()
                 except LeaseLost as e:
-                    log.warning("%s: %s; its worker lets go", lease.image_id, e)
+                    with self._lock:
+                        working = lease in self._leases.values()
+                    if working:  # (else its worker was done with it and released it meanwhile)
+                        log.warning("%s: %s; its worker lets go", lease.image_id, e)
                 except MigratorError as e:
                     log.warning("could not renew the lease on %s: %s", lease.image_id, e)
 
@@ -169,6 +174,7 @@ class Runner:
         except MigratorError as e:
             self._fail_run(e)
             return
+        lost = 0  # state DB connections lost in a row
         while not self.stop.is_set():
             try:
                 row = self.db.claim_next(self.run_row.id, owner, exclude=set())
@@ -182,8 +188,15 @@ class Runner:
                 try:
                     self._show(row)
                     self._process(row, glance, lease)
-                except LeaseLost as e:
-                    log.warning("%s: %s; leaving it to that worker", row.image_id, e)
+                except (LeaseLost, StateDBConnectionLost) as e:
+                    # Someone else's now, or the step's record may not have been written (e.g. we were frozen
+                    # mid-transaction and PostgreSQL ended it): the image goes on from its last recorded step.
+                    how = (
+                        "leaving it to that worker"
+                        if isinstance(e, LeaseLost)
+                        else "it continues from its last recorded step"
+                    )
+                    log.warning("%s: %s; %s", row.image_id, e, how)
                     if self.spool_root is not None:  # that worker downloads what it needs; ours would stay forever
                         Spool(self.spool_root).remove(row.image_id)
                 finally:
@@ -191,6 +204,14 @@ class Runner:
                         self._leases.pop(name, None)
                     self.db.release(row.run_id, row.image_id, owner)
                     self._show(None)
+                lost = 0
+            except StateDBConnectionLost as e:
+                lost += 1
+                if lost >= DB_RECONNECTS:
+                    self._fail_run(e)
+                else:
+                    log.warning("%s; trying again with a new connection", e)
+                    self.stop.wait(lost)
             except MigratorError as e:
                 self._fail_run(e)
             except Exception as e:  # a bug must stop the run loudly, not end one thread quietly
@@ -199,7 +220,9 @@ class Runner:
 
     def _wait_for_others(self) -> bool:
         """True while another live runner holds unfinished images of this run (we wait for them)."""
-        others = self.db.leased_by_others(self.run_row.id, self.owner)
+        with self._lock:
+            working = [lease.owner for lease in self._leases.values()]
+        others = self.db.leased_by_others(self.run_row.id, working)
         if not others:
             return False
         with self._lock:

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,7 +30,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from glance_migrator.errors import BusyError, StateDBError, UsageError
+from glance_migrator.errors import BusyError, StateDBConnectionLost, StateDBError, UsageError
 from glance_migrator.models import UNFINISHED, Event, ImageRow, Run, utcnow
 from glance_migrator.state import RETRYABLE, TERMINAL, State, Strategy, check_transition, retry_state
 
@@ -450,15 +450,17 @@ class StateDB:
         query = sa.select(ImageRow).where(ImageRow.run_id == run_id, UNFINISHED)
         return query.where(ImageRow.image_id.not_in(exclude)) if exclude else query
 
-    def leased_by_others(self, run_id: int, owner: LeaseOwner) -> list[ImageRow]:
-        """Unfinished images that this runner process does not hold (what a runner with nothing to claim waits
-        for): held by another runner, or about to be claimed (a lease that lapsed, a row another claimer has
-        locked). Read when a claim found nothing, so only those few rows; at most 100 of them."""
+    def leased_by_others(self, run_id: int, working: Collection[LeaseOwner]) -> list[ImageRow]:
+        """Unfinished images that none of `working` (this runner's workers busy on an image now) holds: what a
+        runner with nothing to claim waits for. Held by another runner, or about to be claimed (a lease that
+        lapsed, a row another claimer has locked, a lease of ours that no worker of ours could release). Read
+        when a claim found nothing, so only those few rows; at most 100 of them."""
         with self.reading() as s:
-            mine = f"{owner.host}:{owner.pid}:%:{owner.token}"
-            query = self._unfinished(run_id, set()).where(
-                sa.or_(ImageRow.lease_owner.is_(None), ImageRow.lease_owner.not_like(mine))
-            )
+            query = self._unfinished(run_id, set())
+            if working:
+                query = query.where(
+                    sa.or_(ImageRow.lease_owner.is_(None), ImageRow.lease_owner.not_in([str(w) for w in working]))
+                )
             return list(s.scalars(query.order_by(ImageRow.position, ImageRow.image_id).limit(100)))
 
     def leases(self, run_id: int) -> list[Lease]:
@@ -497,7 +499,7 @@ class StateDB:
     def _renew(self, s: Session, row: ImageRow, owner: LeaseOwner) -> None:
         """On a row locked in `s`: still ours (else LeaseLost), and now for another lease_ttl."""
         if row.lease_owner != str(owner):
-            raise LeaseLost(f"lease on {row.image_id} now held by {row.lease_owner}")
+            raise LeaseLost(f"lease on {row.image_id} now held by {row.lease_owner or 'nobody (released)'}")
         row.lease_expires = self._now(s) + self.lease_ttl
 
     def release(self, run_id: int, image_id: str, owner: LeaseOwner) -> None:
@@ -694,13 +696,14 @@ def _has_foreign_tables(conn: sa.Connection) -> bool:
 def _db_errors(url: str) -> Iterator[None]:
     try:
         yield
-    except sa_exc.OperationalError as e:
+    except sa_exc.DBAPIError as e:
         reason = str(e.orig) if e.orig else str(e)
-        if "locked" in reason:
-            raise BusyError(f"state DB {url} stayed locked by another process: {reason}") from e
-        raise StateDBError(f"state DB {url}: {reason}") from e
-    except sa_exc.DatabaseError as e:
-        reason = str(e.orig) if e.orig else str(e)
+        if e.connection_invalidated:  # the pool drops that connection; the next transaction gets a new one
+            raise StateDBConnectionLost(f"state DB {url}: the connection was lost ({reason.strip()})") from e
+        if isinstance(e, sa_exc.OperationalError):
+            if "locked" in reason:
+                raise BusyError(f"state DB {url} stayed locked by another process: {reason}") from e
+            raise StateDBError(f"state DB {url}: {reason}") from e
         raise StateDBError(f"state DB {url} is unusable ({reason}); it was not modified") from e
     except sa_exc.TimeoutError as e:  # every pooled connection busy for POOL_TIMEOUT s
         raise StateDBError(
