@@ -215,10 +215,8 @@ def _guard(shared: SharedData, image: dict[str, Any], store: str, keep: str | No
     if not doomed:
         return
     image_id = image["id"]
-    copies = shared.glance.find_copies(COPY_OF_PROPERTY, image_id)
-    candidates = shared.listing(doomed, but=image_id) | {copy["id"] for copy in copies}
     stranded = []
-    for other_id in sorted(candidates):
+    for other_id in sorted(shared.listing(doomed, but=image_id)):
         other = shared.glance.get_image(other_id)
         if other is None:
             shared.forget(other_id)  # deleted since the index read it
@@ -240,9 +238,16 @@ def _guard(shared: SharedData, image: dict[str, Any], store: str, keep: str | No
 def _retire_copies(shared: SharedData, image_id: str, keep: str | None) -> str:
     """After the image left the source store: delete its earlier glance-migrator copies that listed only data
     in that store (shared with it, now deleted; or a leftover of their own), unless someone else lists that
-    data. `keep` is the current location-swap copy. Says what it did, "" for nothing. Idempotent."""
+    data. `keep` is the current location-swap copy. Says what it did, "" for nothing. Idempotent.
+
+    The copies come from the sharing index (copies of earlier runs are in the listing it starts from), each then
+    read as Glance shows it now: no search of the whole catalogue per image."""
     notes = []
-    for copy in shared.glance.find_copies(COPY_OF_PROPERTY, image_id):
+    for copy_id in sorted(shared.copies_of(image_id) - {keep or ""}):
+        copy = shared.glance.get_image(copy_id)
+        if copy is None:
+            shared.forget(copy_id)
+            continue
         copy_urls = shared.urls(copy)
         if copy["id"] == keep or copy.get(COPY_OF_PROPERTY) != image_id or not copy_urls:
             continue

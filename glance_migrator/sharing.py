@@ -61,13 +61,16 @@ SEE_LOCATIONS: Final = (
 
 
 class LocationIndex:
-    """Which images list which URL, as of a listing of every image, and from when a later read must ask for the
-    images changed since (`since`). Built by discovery from its own listing (`begin`, `add` each image, `end`)
-    or by SharedData itself; kept current by SharedData."""
+    """Which images list which URL, and which are glance-migrator's copies of which image (COPY_OF_PROPERTY), as
+    of a listing of every image, and from when a later read must ask for the images changed since (`since`).
+    Built by discovery from its own listing (`begin`, `add` each image, `end`) or by SharedData itself; kept
+    current by SharedData."""
 
     def __init__(self) -> None:
         self.by_url: dict[str, set[str]] = defaultdict(set)
         self.by_image: dict[str, tuple[str, ...]] = {}  # a tuple: a third of a set's memory, at 50,000 images
+        self.copies: dict[str, set[str]] = defaultdict(set)  # image id -> ids of its copies (few images have any)
+        self.copy_of: dict[str, str] = {}  # copy id -> the image it was made for
         self.since: str | None = None  # None: no complete listing yet, the next read lists every image
         self.read_at: float | None = None  # time.monotonic() when the listing it holds began
         self._mark: tuple[str, float] | None = None
@@ -83,23 +86,31 @@ class LocationIndex:
         if "locations" not in image:
             self._complete = False
             return
-        self.put(image["id"], {location["url"] for location in image["locations"]})
+        self.put(image["id"], {location["url"] for location in image["locations"]}, image.get(COPY_OF_PROPERTY))
 
     def end(self) -> None:
         """The listing saw every image: the index holds as of its beginning."""
         if self._complete and self._mark is not None:
             self.since, self.read_at = self._mark
 
-    def put(self, image_id: str, urls: Iterable[str]) -> None:
-        """The image lists exactly these URLs now."""
+    def put(self, image_id: str, urls: Iterable[str], copy_of: str | None = None) -> None:
+        """The image lists exactly these URLs now (and is a copy made for image `copy_of`)."""
         self.forget(image_id)
         found = tuple(set(urls))
         if found:
             self.by_image[image_id] = found
             for url in found:
                 self.by_url[url].add(image_id)
+        if copy_of:
+            self.copy_of[image_id] = copy_of
+            self.copies[copy_of].add(image_id)
 
     def forget(self, image_id: str) -> None:
+        original = self.copy_of.pop(image_id, None)
+        if original is not None:
+            self.copies[original].discard(image_id)
+            if not self.copies[original]:
+                del self.copies[original]
         for url in self.by_image.pop(image_id, ()):
             users = self.by_url.get(url)
             if users is not None:
@@ -194,6 +205,13 @@ class SharedData:
         with self._lock:
             return self._index.listing(urls) - {but}
 
+    def copies_of(self, image_id: str) -> set[str]:
+        """Ids of the images the index says are glance-migrator's copies of this one (location-swap's copies B
+        of an earlier run: those that deletion.py may retire exist since before this run's discovery)."""
+        self._bring_up_to_date()
+        with self._lock:
+            return set(self._index.copies.get(image_id, ()))
+
     def forget(self, image_id: str) -> None:
         """The image is gone (Glance says so): out of the index."""
         with self._lock:
@@ -211,24 +229,27 @@ class SharedData:
             since, started = change_mark(self.glance)
             if index.since is None:  # nothing read yet (`run --resume`, --image, hidden locations): every image
                 fresh = LocationIndex()
-                for image in self._read(None):
-                    fresh.put(image["id"], self.urls(image))
+                for image, image_urls in self._read(None):
+                    fresh.put(image["id"], image_urls, image.get(COPY_OF_PROPERTY))
                 with self._lock:
                     self._index = index = fresh
             else:
-                changed = {image["id"]: self.urls(image) for image in self._read(index.since)}
+                changed = {
+                    image["id"]: (image_urls, image.get(COPY_OF_PROPERTY))
+                    for image, image_urls in self._read(index.since)
+                }
                 with self._lock:
-                    for image_id, image_urls in changed.items():
-                        index.put(image_id, image_urls)
+                    for image_id, (image_urls, copy_of) in changed.items():
+                        index.put(image_id, image_urls, copy_of)
                 log.debug("sharing index: %d image(s) changed since %s", len(changed), index.since)
             index.since, index.read_at = since, started
             self._read_took = time.monotonic() - started
             self._updated = True
 
-    def _read(self, changed_since: str | None) -> Iterable[dict[str, Any]]:
-        """The images whose locations can be seen (all of them, or those changed since), as listed."""
+    def _read(self, changed_since: str | None) -> Iterable[tuple[dict[str, Any], set[str]]]:
+        """Every image (or those changed since) as listed, with the URLs of its locations as far as they can be
+        seen: every URL, whatever its metadata says (the list does not fill in a converted cloud's stores)."""
         for image in self.glance.list_images(changed_since=changed_since):
-            # Every URL is taken, whatever its metadata says: the list does not fill in a converted cloud's stores
-            if "locations" not in image and self.mode != "api":
-                continue  # nothing to see (deletion asks `locations` first, which sets the mode)
-            yield image
+            # none where Glance hides them and the locations API is not known to answer (deletion asks
+            # `locations` first, which sets the mode); whether it is a copy can be seen all the same
+            yield image, self.urls(image) if "locations" in image or self.mode == "api" else set()

@@ -282,6 +282,26 @@ def test_short_503_bursts_are_retried_transparently(via_proxy: Proxied) -> None:
     assert doc["run"]["complete"] and doc["counts"]["done"] == len(images)
 
 
+def test_copy_image_asks_glance_per_image_only_about_that_image(via_proxy: Proxied) -> None:
+    """What a copy-image run asks Glance, counted at the proxy: per image, its own image, its import, its tasks
+    (once, the proof of the copy) and its store delete; never a search of the whole catalogue (those cost two
+    list calls each, hidden and not, and grow with the cloud). The catalogue is listed a bounded number of times
+    (discovery, the sharing index), whatever the number of images."""
+    p = via_proxy
+    images = _seed(p.conn, "requests", [4096] * 6)
+    p.proxy.requests.clear()
+    p.run("run", "--from-store", "old", "--to-store", "new", *_select(images), "--db", str(p.tmp / "state.db"))
+    seen = list(p.proxy.requests)
+    assert not [r for r in seen if "glance_migrator_copy_of" in r], seen  # no search for copies per image
+    lists = [r for r in seen if r.startswith("GET /v2/images?")]
+    assert len(lists) <= 8, lists  # discovery, the index's reads: a few, not some per image
+    for seeded in images:
+        mine = [r for r in seen if seeded.id in r]
+        assert [r.split("?")[0] for r in mine if "/tasks" in r] == [f"GET /v2/images/{seeded.id}/tasks"], mine
+        assert sum(r.startswith("POST") for r in mine) == 1 and sum(r.startswith("DELETE") for r in mine) == 1, mine
+    p.check(images)
+
+
 def test_an_image_glance_keeps_failing_fails_alone_and_the_run_goes_on(via_proxy: Proxied) -> None:
     """Glance answers 503 to every copy request of one image while it serves everything else: that image fails
     after bounded retries with the reason, the others move; `retry` finishes it once Glance is well again."""

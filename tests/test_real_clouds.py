@@ -319,6 +319,7 @@ GENEROUS: Final = 1_000_000  # the registered default of each of Glance's limits
 PER_COPY: Final = {"image_count_total": 1, "image_size_total": 2}
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("resource", list(PER_COPY))
 def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(cloud: Cloud, resource: str) -> None:
     """With Keystone unified limits on (use_keystone_limits), location-swap's copies B count against the migrating
@@ -338,7 +339,10 @@ def test_copies_over_the_keystone_image_limit_fail_as_quota_until_it_is_raised(c
                   *ids, "--spool-dir", str(cloud.tmp / "spool"), "--db", str(db), rc=EXIT_PARTIAL)  # fmt: skip
         rows = {row["id"]: row for row in status_json(db, cloud.env)["images"]}
         failed = {image_id for image_id, row in rows.items() if row["state"] != "done"}
-        assert len(failed) == 2, rows  # the first image took the one free slot; both others were tried after it
+        # The first image took the one free slot; both others were tried after it. Before Glance 33 an upload
+        # is checked against the usage before it (no delta for its own size): the second copy fits too.
+        refused = 1 if resource == "image_size_total" and int(cloud.lab.glance_release.major) < 33 else 2
+        assert len(failed) == refused, rows
         for image_id in failed:
             row = rows[image_id]
             assert row["state"] == "failed" and row["error_kind"] == "quota", row
@@ -360,6 +364,7 @@ def _behind(cloud: Cloud, balancer: FaultProxy) -> Cloud:
     return replace(cloud, env={**cloud.env, "OS_CLIENT_CONFIG_FILE": str(cloud.tmp / "clouds.yaml")})
 
 
+@pytest.mark.core
 def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_children(cloud: Cloud) -> None:
     """Several glance-api nodes behind one endpoint, one of them without the old store in enabled_backends (a site
     part-way through a configuration change): the store delete that lands there answers 409 "The selected store
@@ -382,6 +387,7 @@ def test_a_store_delete_on_a_node_without_the_old_store_is_not_called_clone_chil
     cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has old")
 
 
+@pytest.mark.core
 def test_a_location_remove_on_a_node_without_the_ceph_store_is_not_called_clone_children(cloud: Cloud) -> None:
     """location-swap off a Ceph store, the image's PATCHes sent to a glance-api node whose enabled_backends lacks
     that store: removing the old rbd location answers 500 "Unknown scheme 'rbd' found in URI" (glance_store there
@@ -408,6 +414,7 @@ def test_a_location_remove_on_a_node_without_the_ceph_store_is_not_called_clone_
     cloud.invariants.check(cloud.lab, cloud.conn, db, cloud.env, [seeded], faults={}, label="every node has ceph")
 
 
+@pytest.mark.core
 def test_a_copy_over_the_keystone_staging_limit_fails_as_quota_until_it_is_raised(cloud: Cloud) -> None:
     """copy-image stages the data it copies: Glance checks the migrating project's image_stage_total (MiB) when
     its copy task starts, after answering the import with 202, so no 413 reaches the tool: the task fails with
