@@ -4,10 +4,11 @@
 
 Starts its own lab (Keystone + Glance with stores `old` (file) and `s3` (SeaweedFS)) in a temporary
 directory and, for each size, seeds images of random data into `old` and measures, each as a separate
-process (wall time, and peak RSS from wait4()):
+process (wall time and peak RSS):
 - baseline: benchmarks/_plain_copy.py, GET the image's data and PUT it into a new image in `s3`, streamed
   with requests, no hashing;
 - glance-migrator run --strategy location-swap --no-spool, then with --spool-dir, each on a fresh image.
+Peak RSS is read by benchmarks/_peak.py (wait4() from here would count this process's own size).
 The tool's run also does its checks and a final hashed download (step `done`); the time of the copy alone
 (pending -> created: download, upload, verification of the copy) is read from its state DB's events.
 A measurement, not a test: nothing here asserts a timing.
@@ -83,15 +84,27 @@ def seed(conn: Any, name: str, size: int) -> str:
 
 
 def measured(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, int, int]:
-    """Run argv; its wall time, peak RSS (KiB) and exit code. wait4() gives this child's own peak;
-    getrusage(RUSAGE_CHILDREN) would be the largest of all children so far."""
+    """Run argv, its output to `log`; its wall time, peak RSS (KiB) and exit code, through _peak.py (see there why
+    not wait4() on it from here)."""
     with log.open("wb") as out:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss, proc.returncode
+        proc = subprocess.Popen(
+            peak_argv(argv, log.with_suffix(".peak")), env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        proc.wait()
+    rss, wall = read_peak(log.with_suffix(".peak"))
+    return wall, rss, proc.returncode
+
+
+def peak_argv(argv: list[str], peak: Path) -> list[str]:
+    """argv run by _peak.py, which writes its peak RSS and wall time to `peak` (read_peak)."""
+    return [sys.executable, "-I", "-S", str(HERE / "_peak.py"), str(peak), *argv]
+
+
+def read_peak(peak: Path) -> tuple[int, float]:
+    """Peak RSS (KiB) and wall seconds that _peak.py wrote."""
+    rss, wall = peak.read_text().split()
+    return int(rss), float(wall)
 
 
 def step_times(db: Path, image_id: str) -> dict[str, float]:
@@ -167,7 +180,7 @@ def report(
         "location swap and the final hashed download). copy = the transfer alone: for the baseline timed",
         "inside it (GET -> PUT done), for the tool pending -> created from its state DB (download, spool",
         "file if any, upload of the copy, hash checks). Ratios are tool / baseline of the same size.",
-        "MiB/s = size / seconds. RSS = peak resident set of the process (wait4).",
+        "MiB/s = size / seconds. RSS = peak resident set of the process (benchmarks/_peak.py).",
         "",
         "| size MiB | variant | wall s | wall MiB/s | copy s | copy MiB/s | wall ratio | copy ratio "
         "| peak RSS MiB | RSS ratio |",

@@ -4,7 +4,7 @@
         [--out benchmarks/results-copyimage.md]
 
 Starts its own lab (Keystone + Glance, file stores `old` and `new`) in a temporary directory and measures, each as
-a separate process (wall time and peak RSS from wait4()), on fresh images each time:
+a separate process (wall time and peak RSS, benchmarks/_peak.py), on fresh images each time:
 1. one large image: benchmarks/_bare_copy_image.py (import copy-image, look every 50 ms until the copy is in and
    the lock gone, delete from the old store) against `glance-migrator run --strategy copy-image`;
 2. many small images at each --workers N: the bare script N images at a time against the tool with --workers N,

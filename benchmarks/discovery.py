@@ -9,7 +9,7 @@ Glance's own SQLite database the way tests/corpus.py edits it (an `images` row, 
 `image_locations` row in store `old`, copied from the template's), each with its own 1 KiB data file in the
 store's directory and that file's md5 and sha512: active images Glance serves as if uploaded. (Uploading them
 through the API is timed on a few images, for the report.) At each size it measures, each as a separate process
-(wall time and peak RSS from wait4()):
+(wall time and peak RSS, benchmarks/_peak.py):
 - baseline: benchmarks/_bare_list.py, the same listing glance-migrator makes (visibility=all, os_hidden false
   then true, pages of glance_migrator.glance.PAGE_SIZE images, Glance's `next` links), nothing else;
 - plan: `glance-migrator run --dry-run --strategy copy-image` (auth, the cloud's profile and preflight checks,
@@ -180,7 +180,7 @@ def report(results: list[Measure], cat: Catalogue, args: argparse.Namespace, sta
         "(the whole catalogue listed and indexed, that many images migrated). Requests counted in the services' "
         "uWSGI request logs. ratio = tool s / baseline s at the same catalogue size (1.00: as fast as the bare "
         "listing). start-up only = `glance-migrator --version`: the interpreter and the tool's imports, no request. "
-        "RSS = peak resident set of the process (wait4).",
+        "RSS = peak resident set of the process (benchmarks/_peak.py).",
         "",
         "| images | what | wall s | ratio | Glance requests | per image | Keystone requests | peak RSS MiB |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
