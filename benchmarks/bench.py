@@ -1,6 +1,6 @@
 """Throughput and memory of a location-swap migration (file store -> S3), against a plain streamed copy.
 
-    .venv/bin/python -m benchmarks.bench [--sizes 64,256,1024] [--out benchmarks/results.md]
+    .venv/bin/python -m benchmarks.bench [--sizes 64,256,1024] [--out benchmarks/results-locationswap.md]
 
 Starts its own lab (Keystone + Glance with stores `old` (file) and `s3` (SeaweedFS)) in a temporary
 directory and, for each size, seeds images of random data into `old` and measures, each as a separate
@@ -255,10 +255,48 @@ def publish(text: str, out: Path) -> None:
     print(f"bench: written to {out}", file=sys.stderr)
 
 
+def summarize(path: Path | None, rows: list[dict[str, str]]) -> None:
+    """The few lines of a benchmark that `python -m benchmarks` puts into its summary table (--summary FILE): each
+    {"section", "what", "result", "target", "verdict"} (verdict: "met", "MISSED" or "" where there is no target)."""
+    if path is not None:
+        path.write_text(json.dumps(rows, indent=1))
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def summary_rows(results: list[Measure]) -> list[dict[str, str]]:
+    """Location-swap of the largest size (copy step and whole run as speed against the baseline) and the memory."""
+    largest = max(m.size_mib for m in results)
+    base = next(m for m in results if m.size_mib == largest and m.variant.startswith("baseline"))
+    rows = []
+    for m in results:
+        if m.size_mib == largest and m is not base and m.copy:
+            speed = base.copy / m.copy if base.copy else 0.0
+            rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: copy step",
+                         "result": f"{speed:.2f}x the baseline's speed ({m.copy:.1f} s vs {base.copy:.1f} s)",
+                         "target": ">= 0.95", "verdict": verdict(speed >= 0.95)})  # fmt: skip
+            extra = ", ".join(f"{k} {v:.1f} s" for k, v in m.steps.items() if k not in ("downloaded", "created"))
+            rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: whole run",
+                         "result": f"{base.wall / m.wall:.2f}x the baseline's speed ({m.wall:.1f} s vs "
+                         f"{base.wall:.1f} s); besides the copy: {extra}", "target": "", "verdict": ""})  # fmt: skip
+    tool = [m for m in results if not m.variant.startswith("baseline")]
+    peak = max(m.rss_kib for m in tool)
+    spread = max(m.rss_kib for m in tool) / min(m.rss_kib for m in tool)
+    sizes = sorted({m.size_mib for m in tool})
+    rows.append({"section": "6. memory", "what": f"location-swap run, image sizes {', '.join(map(str, sizes))} MiB",
+                 "result": f"peak RSS {min(m.rss_kib for m in tool) / 1024:.0f}-{peak / 1024:.0f} MiB "
+                 f"(max/min {spread:.2f})", "target": "< 150 MiB, flat",
+                 "verdict": verdict(peak < 150 * 1024 and spread < 1.10)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,256,1024", help="image sizes in MiB, comma-separated")
-    parser.add_argument("--out", type=Path, default=HERE / "results.md", help="Markdown report")
+    parser.add_argument("--out", type=Path, default=HERE / "results-locationswap.md", help="Markdown report")
+    parser.add_argument("--summary", type=Path, help=argparse.SUPPRESS)  # for python -m benchmarks
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     started = dt.datetime.now(dt.UTC)
@@ -281,6 +319,7 @@ def main() -> None:
             print(f"bench: {size_mib} MiB: --spool-dir {results[-1].wall:.1f} s", file=sys.stderr)
             load.append(_load())
     publish(report(results, floor, sizes, started, time.monotonic() - t0, load), args.out)
+    summarize(args.summary, summary_rows(results))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench import _cpu_model, _load, _mem_gib, measured, publish, seed, temporary_lab
+from benchmarks.bench import _cpu_model, _load, _mem_gib, measured, publish, seed, summarize, temporary_lab, verdict
 from tests.glancetools import CLI
 from tests.lab import DEFAULT_STORES, Lab
 
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--small-kib", type=int, default=1, help="size of each small image")
     parser.add_argument("--workers", default="1,4,8", help="concurrency of the small-image runs, comma-separated")
     parser.add_argument("--out", type=Path, default=HERE / "results-copyimage.md", help="Markdown report")
+    parser.add_argument("--summary", type=Path, help=argparse.SUPPRESS)  # for python -m benchmarks
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
@@ -133,6 +134,21 @@ def main() -> None:
             results.append(pair(lab, conn, f"small ({args.small_kib} KiB)", args.small_kib * KIB, args.small, workers,
                                 root))  # fmt: skip
     publish(report(results, args, started, time.monotonic() - t0, _load()), args.out)
+    summarize(args.summary, summary_rows(results))
+
+
+def summary_rows(results: list[Pair]) -> list[dict[str, str]]:
+    rows = []
+    small = [r for r in results if r.what.startswith("small")]
+    for r in results:
+        large = r.what.startswith("large")
+        section = "1. copy-image, large" if large else "3. many small images (copy-image)"
+        what = r.what if large else f"{r.images} x {r.what.removeprefix('small (').rstrip(')')}, {r.workers} workers"
+        speedup = f"; speed-up {small[0].tool / r.tool:.2f}x (bare {small[0].bare / r.bare:.2f}x)" if not large else ""
+        rows.append({"section": section, "what": what, "target": ">= 0.95" if large else ">= 0.8",
+                     "result": f"{r.ratio:.2f}x the bare script's speed ({r.tool:.1f} s vs {r.bare:.1f} s){speedup}",
+                     "verdict": verdict(r.ratio >= (0.95 if large else 0.8))})  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

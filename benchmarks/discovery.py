@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import _cpu_model, _load, _mem_gib, measured, publish, seed, temporary_lab
+from benchmarks.bench import _cpu_model, _load, _mem_gib, measured, publish, seed, summarize, temporary_lab, verdict
 from glance_migrator.glance import PAGE_SIZE
 from tests.glancetools import CLI
 from tests.lab import DEFAULT_STORES, Lab
@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--catalogues", default="500,5000", help="catalogue sizes (images), comma-separated")
     parser.add_argument("--run-limit", type=int, default=5, help="images the measured run migrates (0: no run)")
     parser.add_argument("--out", type=Path, default=HERE / "results-discovery.md", help="Markdown report")
+    parser.add_argument("--summary", type=Path, help=argparse.SUPPRESS)  # for python -m benchmarks
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.catalogues.split(","))
     started = dt.datetime.now(dt.UTC)
@@ -235,6 +236,28 @@ def main() -> None:
                   file=sys.stderr)  # fmt: skip
             load.append(_load())
     publish(report(results, cat, args, started, time.monotonic() - t0, load), args.out)
+    summarize(args.summary, summary_rows(results))
+
+
+def summary_rows(results: list[Measure]) -> list[dict[str, str]]:
+    base = {m.images: m for m in results if m.what.startswith("baseline")}
+    startup = {m.images: m for m in results if m.what.startswith("start-up")}
+    rows = []
+    for m in results:
+        if m.what.startswith("plan"):
+            b, s = base[m.images], startup[m.images]
+            rows.append({"section": "4. discovery and plan", "what": f"{m.images:,} images: plan (run --dry-run)",
+                         "result": f"{m.wall:.2f} s ({m.wall / b.wall:.1f}x the bare listing's {b.wall:.2f} s; "
+                         f"start-up alone {s.wall:.2f} s); {m.glance_requests / m.images:.4f} Glance requests per "
+                         f"image ({m.glance_requests}; bare listing {b.glance_requests})",
+                         "target": "", "verdict": ""})  # fmt: skip
+    for what in dict.fromkeys(m.what for m in results if m.what.startswith(("plan", "run"))):
+        rss = {m.images: m.rss_kib for m in results if m.what == what}
+        peak, spread = max(rss.values()), max(rss.values()) / min(rss.values())
+        rows.append({"section": "6. memory", "what": f"{what}, catalogues {', '.join(f'{n:,}' for n in rss)} images",
+                     "result": f"peak RSS {min(rss.values()) / 1024:.0f}-{peak / 1024:.0f} MiB (max/min {spread:.2f})",
+                     "target": "< 150 MiB, flat", "verdict": verdict(peak < 150 * 1024 and spread < 1.10)})  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":
