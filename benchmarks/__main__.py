@@ -67,12 +67,12 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
 def _commit() -> str:
     try:
         git = ["git", "-C", str(HERE)]
-        out = subprocess.run([*git, "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=False)
+        out = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True, check=False)
         dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, check=False).stdout.strip()  # fmt: skip
     except OSError:
         return "unknown"
-    line = out.stdout.strip()[:80] or "unknown"
+    line = out.stdout.strip() or "unknown"
     return f"{line}{' (with uncommitted changes)' if dirty else ''}"
 
 
@@ -149,7 +149,7 @@ def report(
     lines = [
         "# glance-migrator benchmarks (issue 11)",
         "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; all benchmarks {total / 60:.0f} min; commit {_commit()}",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; all benchmarks {total / 60:.0f} min; commit {_commit()} of this repo",
         f"- machine: {len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), {_mem_gib():.0f} GiB RAM, Python "
         f"{platform.python_version()}; every lab service (Keystone 30, Glance 33 under uWSGI, SeaweedFS) on the "
         "same CPUs as the tool and its baselines",

@@ -143,7 +143,8 @@ def summary_rows(results: list[Pair]) -> list[dict[str, str]]:
     for r in results:
         large = r.what.startswith("large")
         section = "1. copy-image, large" if large else "3. many small images (copy-image)"
-        what = r.what if large else f"{r.images} x {r.what.removeprefix('small (').rstrip(')')}, {r.workers} workers"
+        size = r.what.removeprefix("small (").rstrip(")")
+        what = r.what if large else f"{r.images} x {size}, {r.workers} worker{'s' if r.workers > 1 else ''}"
         speedup = f"; speed-up {small[0].tool / r.tool:.2f}x (bare {small[0].bare / r.bare:.2f}x)" if not large else ""
         rows.append({"section": section, "what": what, "target": ">= 0.95" if large else ">= 0.8",
                      "result": f"{r.ratio:.2f}x the bare script's speed ({r.tool:.1f} s vs {r.bare:.1f} s){speedup}",
