@@ -65,6 +65,7 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
 
 
 def _commit() -> str:
+    """The checkout's commit, as the run starts (the run then rewrites the results files)."""
     try:
         git = ["git", "-C", str(HERE)]
         out = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True, check=False)
@@ -94,7 +95,7 @@ def main() -> None:
     unknown = [name for name in chosen if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; there are {', '.join(BENCHMARKS)}")
-    started, t0, load = dt.datetime.now(dt.UTC), time.monotonic(), [_load()]
+    started, t0, load, commit = dt.datetime.now(dt.UTC), time.monotonic(), [_load()], _commit()
     summary: list[dict[str, str]] = []
     reports: list[str] = []
     ran: list[str] = []
@@ -119,7 +120,7 @@ def main() -> None:
             summary += json.loads(summary_file.read_text())
             text = out.read_text()
             reports.append("#" + text if text.startswith("# ") else text)  # its title a section of results.md
-    text = report(summary, reports, ran, failed, args, started, time.monotonic() - t0, load)
+    text = report(summary, reports, ran, failed, args, commit, started, time.monotonic() - t0, load)
     args.out.write_text(text)
     print(table(summary))
     print(f"benchmarks: written to {args.out}", file=sys.stderr)
@@ -142,6 +143,7 @@ def report(
     ran: list[str],
     failed: list[str],
     args: argparse.Namespace,
+    commit: str,
     started: dt.datetime,
     total: float,
     load: list[str],
@@ -149,7 +151,7 @@ def report(
     lines = [
         "# glance-migrator benchmarks (issue 11)",
         "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; all benchmarks {total / 60:.0f} min; commit {_commit()} of this repo",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; all benchmarks {total / 60:.0f} min; commit {commit} of this repo",
         f"- machine: {len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), {_mem_gib():.0f} GiB RAM, Python "
         f"{platform.python_version()}; every lab service (Keystone 30, Glance 33 under uWSGI, SeaweedFS) on the "
         "same CPUs as the tool and its baselines",
