@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("glance-migrator")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+def __getattr__(name: str) -> str:
+    # Read from the installed package's metadata when asked (--version), not by every command at start-up:
+    # importlib.metadata costs a few hundredths of a second.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("glance-migrator")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0"

@@ -17,7 +17,8 @@ from typing import Annotated
 import sqlalchemy as sa
 import typer
 
-from glance_migrator import __version__, commands, render
+import glance_migrator
+from glance_migrator import commands, render
 from glance_migrator.bandwidth import Bandwidth
 from glance_migrator.discovery import Filters, Order
 from glance_migrator.errors import EXIT_OK, Aborted, MigratorError, UsageError
@@ -175,7 +176,7 @@ def _live_progress() -> Iterator[render.LiveProgress | None]:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"glance-migrator {__version__}")
+        typer.echo(f"glance-migrator {glance_migrator.__version__}")
         raise typer.Exit
 
 

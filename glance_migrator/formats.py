@@ -18,8 +18,6 @@ import io
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from oslo_utils.imageutils import format_inspector
-
 from glance_migrator.glance import Glance, GlanceHTTPError
 
 HEAD: Final = 1 << 20  # bytes of an image's data inspected: every header the inspectors read lies within it
@@ -57,6 +55,8 @@ def refusal(image: Mapping[str, Any], head: bytes) -> str | None:
     None when it would let it through, or when the first bytes cannot tell."""
     if image.get("container_format") != "bare":
         return None  # Glance inspects bare images only
+    from oslo_utils.imageutils import format_inspector  # noqa: PLC0415 - a twentieth of a second at start-up
+
     disk_format = str(image.get("disk_format"))
     wrapper = format_inspector.InspectWrapper(io.BytesIO(head))
     try:
@@ -85,6 +85,8 @@ def refusal(image: Mapping[str, Any], head: bytes) -> str | None:
 def _accepted(detected: str, disk_format: str) -> bool:
     """Glance's rule: the format it found is the one declared; or it found nothing it knows and the declared
     one is not inspectable (ami...); or the image claims raw (then anything goes, with a warning)."""
+    from oslo_utils.imageutils import format_inspector  # noqa: PLC0415
+
     return (
         detected == disk_format
         or (detected == "raw" and disk_format not in format_inspector.ALL_FORMATS)

@@ -31,6 +31,20 @@ def test_new_db_is_created_with_the_current_schema_in_wal_mode(tmp_path: Path) -
     StateDB.open(str(path)).close()  # opening again is a no-op upgrade
 
 
+def test_the_schema_head_the_tool_checks_without_alembic_is_alembics_head(tmp_path: Path) -> None:
+    """Opening an up-to-date DB compares its recorded revision with SCHEMA_HEAD and skips Alembic; a migration
+    added without moving SCHEMA_HEAD would leave every existing DB unupgraded."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+    from glance_migrator.statedb import SCHEMA_HEAD, _alembic_config  # noqa: PLC0415
+
+    assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == SCHEMA_HEAD
+    db = StateDB.open(str(tmp_path / "state.db"))
+    with db.engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_heads() == (SCHEMA_HEAD,)
+    db.close()
+
+
 def test_sqlalchemy_url_is_accepted(tmp_path: Path) -> None:
     StateDB.open(f"sqlite:///{tmp_path / 'u.db'}").close()
     assert (tmp_path / "u.db").exists()
