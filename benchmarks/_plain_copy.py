@@ -1,11 +1,13 @@
 """The baseline of benchmarks/bench.py: a plain streamed copy of one image into another store.
 
 Run as a separate process (its peak RSS is measured apart from the benchmark's), with only `requests`:
-GET /v2/images/ID/file streamed, PUT into a new image with X-Image-Meta-Store, 1 MiB chunks, no hashing.
-Usage: python _plain_copy.py GLANCE_URL IMAGE_ID SIZE STORE   (token in env BENCH_TOKEN)
+GET /v2/images/ID/file streamed, PUT into a new image with X-Image-Meta-Store, 1 MiB chunks, no hashing; with
+--hash, each chunk is also hashed with md5 and sha512 on its way (what the tool must do to verify a copy).
+Usage: python _plain_copy.py GLANCE_URL IMAGE_ID SIZE STORE [--hash]   (token in env BENCH_TOKEN)
 Prints one JSON line: {"copy_seconds": ..., "new_id": ...}.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -19,23 +21,22 @@ CHUNK = 1 << 20
 class Stream:
     """A file-like view of a download with a length (so the PUT has a Content-Length); short reads."""
 
-    def __init__(self, chunks, size):
-        self.chunks, self.size, self.buf, self.pos = chunks, size, b"", 0
+    def __init__(self, chunks, size, hashers):
+        self.chunks, self.size, self.hashers = chunks, size, hashers
 
     def __len__(self):
         return self.size
 
-    def read(self, n=-1):
-        if self.pos >= len(self.buf):
-            self.buf, self.pos = next(self.chunks, b""), 0
-        end = len(self.buf) if n < 0 else self.pos + n
-        out = self.buf[self.pos : end]
-        self.pos += len(out)
-        return out
+    def __iter__(self):  # an iterable with a length: requests sends Content-Length and each chunk whole
+        for chunk in self.chunks:
+            for h in self.hashers:
+                h.update(chunk)
+            yield chunk
 
 
 def main():
     glance, image_id, size, store = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    hashers = [hashlib.md5(usedforsecurity=False), hashlib.sha512()] if "--hash" in sys.argv[5:] else []
     session = requests.Session()
     session.headers["X-Auth-Token"] = os.environ["BENCH_TOKEN"]
     body = {"name": f"plain copy of {image_id}", "disk_format": "raw", "container_format": "bare"}
@@ -47,7 +48,7 @@ def main():
         src.raise_for_status()
         put = session.put(
             f"{glance}/v2/images/{new_id}/file",
-            data=Stream(src.iter_content(CHUNK), size),
+            data=Stream(src.iter_content(CHUNK), size, hashers),
             headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Length": str(size),

@@ -6,7 +6,8 @@ Starts its own lab (Keystone + Glance with stores `old` (file) and `s3` (Seaweed
 directory and, for each size, seeds images of random data into `old` and measures, each as a separate
 process (wall time and peak RSS):
 - baseline: benchmarks/_plain_copy.py, GET the image's data and PUT it into a new image in `s3`, streamed
-  with requests, no hashing;
+  with requests, no hashing; then the same hashing md5 and sha512 on the way (what any verified copy costs,
+  reported beside the verdict, which is against the unhashed baseline);
 - glance-migrator run --strategy location-swap --no-spool, then with --spool-dir, each on a fresh image.
 Peak RSS is read by benchmarks/_peak.py (wait4() from here would count this process's own size).
 The tool's run also does its checks and a final hashed download (step `done`); the time of the copy alone
@@ -41,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 STORES = (DEFAULT_STORES[0], S3_STORE)  # old (file, default) and s3 (SeaweedFS)
 FROM, TO = "old", "s3"
+BASELINE = "baseline: plain streamed copy"
+HASHED = "baseline, hashed: the same, hashing md5 + sha512"
 REQUEST = re.compile(rb"\] (GET|HEAD|POST|PUT|PATCH|DELETE) /")  # a request line of uWSGI's log
 
 
@@ -137,15 +140,16 @@ def step_times(db: Path, image_id: str) -> dict[str, float]:
     return times
 
 
-def run_baseline(lab: Lab, conn: Any, image_id: str, size_mib: int, work: Path) -> Measure:
+def run_baseline(lab: Lab, conn: Any, image_id: str, size_mib: int, work: Path, hashed: bool = False) -> Measure:
     env = {**os.environ, "BENCH_TOKEN": conn.session.get_token()}
     argv = [sys.executable, str(HERE / "_plain_copy.py"), lab.glance_url, image_id, str(size_mib * MIB), TO]
-    log = work / f"baseline-{size_mib}.log"
+    argv += ["--hash"] if hashed else []
+    log = work / f"baseline-{size_mib}{'-hashed' if hashed else ''}.log"
     wall, rss, rc = measured(argv, env, log)
     if rc:
         raise RuntimeError(f"baseline failed (rc={rc}):\n{log.read_text()[-2000:]}")
     result = json.loads(log.read_text().strip().splitlines()[-1])
-    return Measure(size_mib, "baseline: plain streamed copy", wall, rss, copy=result["copy_seconds"])
+    return Measure(size_mib, HASHED if hashed else BASELINE, wall, rss, copy=result["copy_seconds"])
 
 
 def run_tool(lab: Lab, image_id: str, size_mib: int, work: Path, spool: bool) -> Measure:
@@ -180,7 +184,7 @@ def _load() -> str:
 def report(
     results: list[Measure], floor_kib: int, sizes: list[int], started: dt.datetime, total: float, load: list[str]
 ) -> str:
-    base = {m.size_mib: m for m in results if m.variant.startswith("baseline")}
+    base = {m.size_mib: m for m in results if m.variant == BASELINE}
     lines = [
         "# glance-migrator benchmark: location-swap, file store -> S3 (SeaweedFS), one image",
         "",
@@ -285,15 +289,18 @@ def verdict(met: bool) -> str:
 def summary_rows(results: list[Measure]) -> list[dict[str, str]]:
     """Location-swap of the largest size (copy step and whole run as speed against the baseline) and the memory."""
     largest = max(m.size_mib for m in results)
-    base = next(m for m in results if m.size_mib == largest and m.variant.startswith("baseline"))
+    base = next(m for m in results if m.size_mib == largest and m.variant == BASELINE)
+    hashed = next((m for m in results if m.size_mib == largest and m.variant == HASHED), None)
     rows = []
     for m in results:
-        if m.size_mib == largest and m is not base and m.copy:
+        if m.size_mib == largest and not m.variant.startswith("baseline") and m.copy:
             speed = base.copy / m.copy if base.copy else 0.0
+            against_hashed = f"; {hashed.copy / m.copy:.2f}x the hashed baseline's" if hashed and hashed.copy else ""
             rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: copy step",
                          "result": f"{speed:.2f}x the baseline's speed ({m.copy:.1f} s vs {base.copy:.1f} s: "
                          f"download{' to the spool' if 'spool-dir' in m.variant else ''} "
-                         f"{m.steps.get('downloaded', 0):.1f} s, upload and checks {m.steps.get('created', 0):.1f} s)",
+                         f"{m.steps.get('downloaded', 0):.1f} s, upload and checks {m.steps.get('created', 0):.1f} s)"
+                         f"{against_hashed}",
                          "target": ">= 0.95", "verdict": verdict(speed >= 0.95)})  # fmt: skip
             extra = ", ".join(f"{k} {v:.1f} s" for k, v in m.steps.items() if k not in ("downloaded", "created"))
             rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: whole run",
@@ -330,6 +337,8 @@ def main() -> None:
             first = seed(conn, f"bench-{size_mib}-a", size)
             results.append(run_baseline(lab, conn, first, size_mib, root))
             print(f"bench: {size_mib} MiB: baseline {results[-1].wall:.1f} s", file=sys.stderr)
+            results.append(run_baseline(lab, conn, first, size_mib, root, hashed=True))
+            print(f"bench: {size_mib} MiB: hashed baseline {results[-1].wall:.1f} s", file=sys.stderr)
             results.append(run_tool(lab, first, size_mib, root, spool=False))
             print(f"bench: {size_mib} MiB: --no-spool {results[-1].wall:.1f} s", file=sys.stderr)
             second = seed(conn, f"bench-{size_mib}-b", size)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Final, TypeVar
 
 DOWN: Final = "down"
 UP: Final = "up"
+
+Chunk = TypeVar("Chunk", bound=Sized)  # bytes, or a view of them
 
 
 class Bandwidth:
@@ -40,27 +42,7 @@ class Bandwidth:
         if start > now:
             self._sleep(start - now)
 
-    def chunks(self, direction: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    def chunks(self, direction: str, chunks: Iterable[Chunk]) -> Iterator[Chunk]:
         for chunk in chunks:
             self.pace(direction, len(chunk))
             yield chunk
-
-    def reader(self, data: Any, size: int) -> PacedReader:
-        return PacedReader(self, data, size)
-
-
-class PacedReader:
-    """A file-like body for an upload that reads `data` within the upload budget (it keeps a length, so the
-    request carries Content-Length)."""
-
-    def __init__(self, bandwidth: Bandwidth, data: Any, size: int) -> None:
-        self._bandwidth, self._data, self._size = bandwidth, data, size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def read(self, n: int = -1) -> bytes:
-        block = bytes(self._data.read(n))
-        if block:
-            self._bandwidth.pace(UP, len(block))
-        return block

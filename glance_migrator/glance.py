@@ -12,10 +12,10 @@ import functools
 import html
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import requests
 from keystoneauth1 import exceptions as ksa_exc
@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from glance_migrator.bandwidth import DOWN, Bandwidth
+from glance_migrator.bandwidth import DOWN, UP, Bandwidth
 from glance_migrator.errors import CloudError
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ RETRY_WAIT_MAX: Final = 15.0  # ... up to this, so a burst of ~30 s of trouble i
 # whenever its DB returned that many rows); one that raises it could serve more, at a memory cost on its API node.
 PAGE_SIZE: Final = 1000
 CHUNK: Final = 1 << 20  # bytes per read when streaming image data
+PACED_PIECE: Final = 64 << 10  # bytes an upload under --bwlimit sends at a time
 CONNECT_TIMEOUT: Final = 10.0
 READ_TIMEOUT: Final = 300.0  # default wait for an answer or the next body bytes: a store delete can take minutes
 ADMIN_ROLES: Final = frozenset({"admin"})
@@ -443,19 +444,25 @@ class Glance:
     def create_image(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/images", ok=(201,), json=body).json())
 
-    def upload(self, image_id: str, data: Any, size: int, store: str | None) -> None:
-        """PUT the image's data; with `store`, into that store (multi-store header X-Image-Meta-Store)."""
+    def upload(self, image_id: str, data: BinaryIO | Iterable[bytes], size: int, store: str | None) -> None:
+        """PUT the image's data (a file, or a stream of chunks); with `store`, into that store (multi-store
+        header X-Image-Meta-Store)."""
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        if store:
+            headers["X-Image-Meta-Store"] = store
+        blocks = iter(functools.partial(data.read, CHUNK), b"") if hasattr(data, "read") else iter(data)
+        body: bytes | _Body
         if size == 0:
             # requests sends a stream of length 0 as chunked, yet with our Content-Length it frames no chunks:
             # uWSGI then waits for chunks that never come (60 s, then 500). Read what there is (a hashing
-            # reader must see the end of its download) and send an empty body.
-            data.read()
-            data = b""
-        if store:
-            headers["X-Image-Meta-Store"] = store
-        if self.bandwidth is not None and size:
-            data = self.bandwidth.reader(data, size)
+            # stream must see the end of its download) and send an empty body.
+            for _ in blocks:
+                pass
+            body = b""
+        else:
+            if self.bandwidth is not None:  # paced in small pieces: no long silences a proxy could time out
+                blocks = self.bandwidth.chunks(UP, _pieces(blocks, PACED_PIECE))
+            body = _Body(blocks, size)
         # A stream is consumed as it is sent: neither we nor keystoneauth (which by default resends on a
         # 503 or a connection error) may send it twice. The caller makes a fresh copy and starts over.
         self._call(
@@ -463,7 +470,7 @@ class Glance:
             f"/images/{image_id}/file",
             ok=(204,),
             retry=False,
-            data=data,
+            data=body,
             headers=headers,
             connect_retries=0,
             status_code_retries=0,
@@ -491,6 +498,32 @@ class Glance:
     def delete_from_store(self, image_id: str, store: str) -> None:
         """Delete the image's data from one store (the image and its other copies stay)."""
         self._call("DELETE", f"/stores/{store}/{image_id}", ok=(204,))
+
+
+class _Body:
+    """An upload's body: its blocks as they come (1 MiB each), with a length.
+
+    An iterable with a length makes requests send a Content-Length (Glance refuses a short body) and urllib3 send
+    each block whole; a file-like body would be read and sent 16 KiB at a time, a system call and a copy per piece.
+    While a block is sent, the connect timeout (10 s) bounds each block: 100 KiB/s at the least.
+    """
+
+    def __init__(self, blocks: Iterator[bytes | memoryview], size: int) -> None:
+        self._blocks, self._size = blocks, size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        return self._blocks
+
+
+def _pieces(blocks: Iterable[bytes], most: int) -> Iterator[bytes | memoryview]:
+    """Each block in slices of at most `most` bytes (views: nothing is copied)."""
+    for block in blocks:
+        view = memoryview(block)
+        for start in range(0, len(view), most):
+            yield view[start : start + most]
 
 
 def _client_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:

@@ -92,32 +92,22 @@ class Spool:
         return existed
 
 
-class HashingReader:
-    """`--no-spool`: a file-like view of a download, hashed as the upload reads it.
+class HashingStream:
+    """`--no-spool`: a download's chunks, hashed as the upload takes them.
 
-    It has a length, so the upload carries a Content-Length and Glance can refuse a short body.
+    It has a length, so the upload carries a Content-Length and Glance can refuse a short body. Each chunk goes on
+    as it came from the download (1 MiB), without being copied.
     """
 
-    def __init__(self, chunks: Iterator[bytes], size: int, algo: str | None) -> None:
+    def __init__(self, chunks: Iterable[bytes], size: int, algo: str | None) -> None:
         self._chunks = chunks
-        self._chunk = memoryview(b"")
-        self._pos = 0  # an offset into the current chunk: the HTTP client reads 16 KiB at a time
         self._size = size
         self.hasher = DataHasher(algo)
 
     def __len__(self) -> int:
         return self._size
 
-    def read(self, n: int = -1) -> bytes:
-        out = bytearray()
-        while n < 0 or len(out) < n:
-            if self._pos >= len(self._chunk):
-                chunk = next(self._chunks, b"")
-                if not chunk:
-                    break
-                self.hasher.update(chunk)
-                self._chunk, self._pos = memoryview(chunk), 0
-            take = len(self._chunk) - self._pos if n < 0 else min(n - len(out), len(self._chunk) - self._pos)
-            out += self._chunk[self._pos : self._pos + take]
-            self._pos += take
-        return bytes(out)
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.hasher.update(chunk)
+            yield chunk

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import threading
 
 import pytest
 
 from glance_migrator.bandwidth import DOWN, UP, Bandwidth
+from glance_migrator.glance import _pieces
 
 
 class Clock:
@@ -58,15 +58,14 @@ def test_workers_share_one_budget() -> None:
     assert sorted(clock.slept) == [1.0, 2.0, 3.0]  # four workers, 4,000 bytes: the last goes 3 s after the first
 
 
-def test_an_upload_body_is_read_within_the_budget_and_keeps_its_length() -> None:
-    clock = Clock()
-    limit = Bandwidth(100, clock=clock, sleep=clock.sleep)
-    body = limit.reader(io.BytesIO(b"y" * 250), 250)
-    assert len(body) == 250
-    assert body.read(100) + body.read(100) + body.read(100) + body.read(100) == b"y" * 250
-    assert clock.slept == [1.0, 1.0]
-
-
 def test_a_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         Bandwidth(0)
+
+
+def test_an_upload_under_a_limit_is_paced_in_small_pieces_of_its_blocks() -> None:
+    clock = Clock()
+    limit = Bandwidth(100, clock=clock, sleep=clock.sleep)
+    pieces = list(limit.chunks(UP, _pieces([b"y" * 250], 100)))
+    assert [bytes(p) for p in pieces] == [b"y" * 100, b"y" * 100, b"y" * 50]
+    assert clock.slept == [1.0, 1.0]  # a 1 MiB block is not sent in one burst after a long silence

@@ -24,7 +24,7 @@ from glance_migrator.formats import ADVICE, FORMAT, HEAD, head_of, refusal
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.sharing import COPY_OF_PROPERTY
-from glance_migrator.spool import HashingReader, Spool
+from glance_migrator.spool import HashingStream, Spool
 from glance_migrator.state import State
 from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import DataHasher, check_unchanged, differences, fingerprint, hash_file, recorded
@@ -214,9 +214,9 @@ def _upload(ctx: StepContext, row: ImageRow, copy_id: str) -> DataHasher | None:
             ctx.glance.upload(copy_id, data, path.stat().st_size, None if ctx.legacy else ctx.to_store)
         return None
     with ctx.glance.download(row.image_id) as chunks:
-        reader = HashingReader(chunks, row.size or 0, row.os_hash_algo)
-        ctx.glance.upload(copy_id, reader, row.size or 0, None if ctx.legacy else ctx.to_store)
-    return reader.hasher
+        stream = HashingStream(chunks, row.size or 0, row.os_hash_algo)
+        ctx.glance.upload(copy_id, stream, row.size or 0, None if ctx.legacy else ctx.to_store)
+    return stream.hasher
 
 
 def _copy(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
