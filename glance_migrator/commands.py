@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,17 +130,18 @@ def run_migration(
         index = LocationIndex()  # filled from discovery's listing of every image (not with --image)
         listed = progress.listed if progress is not None else None
         the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing, index, listed)
-        strategy, rows = the_plan.strategy, the_plan.rows
+        strategy = the_plan.strategy
         spool_root = None
         if strategy == Strategy.LOCATION_SWAP and not no_spool:
             spool_root = _ensured(spool_dir or default_spool_dir())
-        run = db.create_run(from_store, to_store, strategy, glance.cloud, rows, str(spool_root) if spool_root else None)
-        pending = sum(1 for row, _ in rows if row.state == State.PENDING)
+        found = _Tally(the_plan.rows)  # recorded as discovery lists them, none held: see discover
+        spool = str(spool_root) if spool_root else None
+        run = db.create_run(from_store, to_store, strategy, glance.cloud, found, spool)
         log.info(
             "run %d: %d image(s) found, %d to migrate %s -> %s",
             run.id,
-            len(rows),
-            pending,
+            found.images,
+            found.states.get(State.PENDING, 0),
             from_store,
             to_store,
         )
@@ -170,14 +171,27 @@ def _ensured(spool_dir: Path) -> Path:
 
 @dataclass
 class Plan:
-    """What a run would do (`run --dry-run`): its strategy and each image's row, nothing recorded."""
+    """What a run would do (`run --dry-run`): its strategy and each image's row, nothing recorded. The rows come
+    as discovery lists them (they can be gone through once)."""
 
     strategy: Strategy
     why: str
-    rows: list[tuple[ImageRow, str | None]]
+    rows: Iterable[tuple[ImageRow, str | None]]
 
-    def bytes_to_move(self) -> int:
-        return sum(row.size or 0 for row, _ in self.rows if row.state == State.PENDING)
+
+class _Tally:
+    """Rows passed through, counted on the way: how many images, how many in each state."""
+
+    def __init__(self, rows: Iterable[tuple[ImageRow, str | None]]) -> None:
+        self._rows = rows
+        self.images = 0
+        self.states: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[tuple[ImageRow, str | None]]:
+        for row, reason in self._rows:
+            self.images += 1
+            self.states[row.state] = self.states.get(row.state, 0) + 1
+            yield row, reason
 
 
 def plan(
@@ -200,10 +214,10 @@ def plan(
     glance = connect()
     the_plan = _plan(glance, from_store, to_store, ids, strategy, filters, accept_unseen_sharing)
     if inspect_formats:
-        the_plan.rows = [
+        the_plan.rows = (
             (row, _format_doubt(glance, row) or reason) if row.state == State.PENDING else (row, reason)
             for row, reason in the_plan.rows
-        ]
+        )
     return the_plan
 
 

@@ -63,15 +63,16 @@ class Filters:
             and (self.max_size is None or (size is not None and size <= self.max_size))
         )
 
-    def arrange(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        keys = {
-            Order.NAME: lambda i: (i.get("name") or "", i["id"]),
-            Order.SMALLEST: lambda i: (i.get("size") or 0, i["id"]),
-            Order.LARGEST: lambda i: (-(i.get("size") or 0), i["id"]),
-            Order.OLDEST: lambda i: (i.get("created_at") or "", i["id"]),
+    def sort_key(self, image: dict[str, Any]) -> tuple[Any, ...]:
+        """Where `order` puts the image (then by id, so that equal keys keep one order)."""
+        size = image.get("size") or 0
+        first = {
+            Order.NAME: image.get("name") or "",
+            Order.SMALLEST: size,
+            Order.LARGEST: -size,
+            Order.OLDEST: image.get("created_at") or "",
         }
-        ordered = sorted(images, key=keys[self.order]) if self.order else images
-        return ordered[: self.limit] if self.limit is not None else ordered
+        return (first[self.order], image["id"]) if self.order else (image["id"],)
 
 
 def discover(
@@ -85,30 +86,52 @@ def discover(
     empty_strategy: Strategy | None = None,
     index: LocationIndex | None = None,
     listed: Callable[[int], None] | None = None,
-) -> list[tuple[ImageRow, str | None]]:
+) -> Iterator[tuple[ImageRow, str | None]]:
     """One row per image: pending, or already done / skipped, each with the reason for the event log.
 
-    The rows are recorded in this order, and workers take images in it (see `Filters.order`). With
-    location-swap, 0-byte images go by `empty_strategy` (copy-image) or are skipped: see `classify`.
-    A listing of every image (no `image_ids`) also fills `index` (the run's sharing index: every image,
-    whatever the filters), and tells `listed` how many images it has seen after each page.
+    The rows come in the order they are to be recorded, and workers take images in it (see `Filters.order`).
+    They come as Glance's listing goes, a page at a time, and none is kept: memory does not grow with the
+    catalogue, except with `filters.order`, which sees every image before the first row (holding each as its
+    row, about 1.5 KiB). With location-swap, 0-byte images go by `empty_strategy` (copy-image) or are
+    skipped: see `classify`. A listing of every image (no `image_ids`) also fills `index` (the run's sharing
+    index: every image, whatever the filters), and tells `listed` how many images it has seen after each page;
+    it is read to its end whatever `filters.limit` says, so the index is whole once the last row has come.
     """
     if image_ids:
-        images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]
+        images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]  # all, or none
     else:
         images = _list_every_image(glance, index, listed)
-    unique: dict[str, dict[str, Any]] = {}
+    chosen = _chosen(images, filters, listed_all=not image_ids)
+
+    def _classified(image: dict[str, Any]) -> tuple[ImageRow, str | None]:
+        return classify(image, from_store, to_store, strategy, legacy, empty_strategy)
+
+    if filters.order:
+        keyed = [(filters.sort_key(image), _classified(image)) for image in chosen]
+        keyed.sort(key=lambda pair: pair[0])
+        rows: Iterable[tuple[ImageRow, str | None]] = (row for _key, row in keyed)
+    else:
+        rows = (_classified(image) for image in chosen)
+    taken = 0
+    for row in rows:  # past the limit the listing is still read to its end: it fills the sharing index
+        if filters.limit is None or taken < filters.limit:
+            taken += 1
+            yield row
+
+
+def _chosen(images: Iterable[dict[str, Any]], filters: Filters, listed_all: bool) -> Iterator[dict[str, Any]]:
+    """The images the filters accept, each once; glance-migrator's own copies left out of a listing of every
+    image (location-swap's second images move with their originals, never on their own)."""
+    seen: set[str] = set()
     copies = 0
     for image in images:
-        if image.get(COPY_OF_PROPERTY) and not image_ids:
-            copies += 1  # location-swap's second images move with their originals, never on their own
-            continue
-        if filters.accepts(image):
-            unique.setdefault(image["id"], image)
+        if image.get(COPY_OF_PROPERTY) and listed_all:
+            copies += 1
+        elif image["id"] not in seen and filters.accepts(image):
+            seen.add(image["id"])
+            yield image
     if copies:
         log.info("left out %d image(s) that are glance-migrator copies (%s)", copies, COPY_OF_PROPERTY)
-    chosen = filters.arrange(list(unique.values()))
-    return [classify(image, from_store, to_store, strategy, legacy, empty_strategy) for image in chosen]
 
 
 def _list_every_image(

@@ -52,13 +52,15 @@ def print_plan(the_plan: Plan) -> None:
     print(f"strategy {the_plan.strategy} ({the_plan.why})")
     actions = {State.PENDING: "migrate", State.DONE: "done already", State.SKIPPED: "skip"}
     counts: dict[str, int] = {}
-    for row, reason in the_plan.rows:
+    to_move = 0
+    for row, reason in the_plan.rows:  # printed as discovery lists them
         action = actions.get(State(row.state), row.state)
         counts[action] = counts.get(action, 0) + 1
+        to_move += (row.size or 0) if row.state == State.PENDING else 0
         why = f": {reason}" if reason else ""
         print(f"{action:<13} {row.image_id} {row.name or 'unnamed'} ({row.size or 0} bytes){why}")
     summary = ", ".join(f"{n} {action}" for action, n in counts.items()) or "no image"
-    print(f"{summary}; {the_plan.bytes_to_move()} bytes to move. Nothing was changed (dry run).")
+    print(f"{summary}; {to_move} bytes to move. Nothing was changed (dry run).")
 
 
 class _Only(ProgressColumn):

@@ -8,11 +8,12 @@ and a lease claim (select a free image, then mark it ours) is atomic between pro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,6 +44,8 @@ POOL_SIZE: Final = 64 + 4  # connections: one per worker (--workers 64 at most),
 POOL_TIMEOUT: Final = 60.0  # seconds to wait for a free one before the run stops (StateDBError, resumable)
 READ_ONLY: Final = "glance_migrator_read_only"  # execution option: this transaction only reads
 IDLE_IN_WRITE: Final = 10  # seconds a write transaction may sit idle on PostgreSQL (ours take milliseconds)
+IDLE_IN_LISTING: Final = 900  # seconds create_run's transaction may wait for Glance's next page (retries included)
+NEW_RUN_LOCK: Final = 0x676D5F6E72  # PostgreSQL advisory lock key ("gm_nr"): one new run recorded at a time
 UPGRADE_LOCK: Final = 0x676D5F7570  # PostgreSQL advisory lock key ("gm_up"): hosts starting at once upgrade in turn
 INSERT_BATCH: Final = 1000  # rows per INSERT statement when a run is recorded
 
@@ -232,13 +235,14 @@ class StateDB:
     # -- sessions ----------------------------------------------------------------------------------
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A transaction that commits on success; DB-level failures become StateDBError."""
+    def session(self, idle: int = IDLE_IN_WRITE) -> Iterator[Session]:
+        """A transaction that commits on success; DB-level failures become StateDBError. `idle`: seconds it may
+        wait between statements on PostgreSQL."""
         with _db_errors(self.url), self._sessions.begin() as session:
             if self.engine.dialect.name == "postgresql":
                 # A runner frozen mid-transaction (a paused VM) would hold its row locks, and claims skip locked
                 # rows: the server ends such a transaction instead, and the others can take the image over.
-                session.execute(sa.text(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_WRITE}s'"))
+                session.execute(sa.text(f"SET LOCAL idle_in_transaction_session_timeout = '{idle}s'"))
             yield session
 
     @contextmanager
@@ -255,13 +259,18 @@ class StateDB:
         to_store: str,
         strategy: Strategy,
         cloud: str | None,
-        images: Sequence[tuple[ImageRow, str | None]],
+        images: Iterable[tuple[ImageRow, str | None]],
         spool_dir: str | None = None,
     ) -> Run:
-        """Record a run and all its images in one transaction: a crash leaves all of it or none. The rows go in
-        INSERT_BATCH at a time (one statement each, images then their events), as plain values: no ORM object
-        is kept for them, so memory does not grow with the run beyond `images` itself."""
-        with self.session() as s:
+        """Record a run and all its images in one transaction: a crash leaves all of it or none. `images` may be
+        discovery's listing as it goes: the rows go in INSERT_BATCH at a time as they come (one statement each,
+        images then their events), as plain values, none kept, so memory does not grow with the catalogue. The
+        transaction stays open while Glance lists them (tens of seconds at 50,000 images): SQLite's single writer
+        waits meanwhile (status reads on); on PostgreSQL a lock makes a second runner starting at once wait, then
+        find this run."""
+        with self.session(idle=IDLE_IN_LISTING) as s:
+            if s.get_bind().dialect.name == "postgresql":
+                s.execute(sa.select(sa.func.pg_advisory_xact_lock(NEW_RUN_LOCK)))
             unfinished = s.scalars(sa.select(Run).where(Run.finished_at.is_(None))).first()
             if unfinished is not None:
                 raise UsageError(
@@ -274,20 +283,19 @@ class StateDB:
             s.add(run)
             s.flush()
             # every column but those left to their default (created_at...): one key set, one statement per batch
-            columns = sa.inspect(ImageRow).columns
+            columns = [c for c in sa.inspect(ImageRow).columns if c.key not in ("run_id", "position")]
             defaulted = {c.key for c in columns if c.default is not None or c.server_default is not None}
-            for start in range(0, len(images), INSERT_BATCH):
-                batch = images[start : start + INSERT_BATCH]
+            rows = iter(images)
+            position = 0
+            while batch := list(itertools.islice(rows, INSERT_BATCH)):
                 values = []
-                for position, (row, _reason) in enumerate(batch, start):
-                    row.run_id, row.position = run.id, position
-                    values.append(
-                        {
-                            column.key: value
-                            for column in columns
-                            if (value := getattr(row, column.key)) is not None or column.key not in defaulted
-                        }
-                    )
+                for row, _reason in batch:
+                    value = {"run_id": run.id, "position": position}
+                    position += 1
+                    for column in columns:
+                        if (got := getattr(row, column.key)) is not None or column.key not in defaulted:
+                            value[column.key] = got
+                    values.append(value)
                 s.execute(sa.insert(ImageRow), values)
                 s.execute(
                     sa.insert(Event),

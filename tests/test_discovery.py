@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.discovery import discover
+from glance_migrator.discovery import Filters, discover
 from glance_migrator.errors import EXIT_OK
 from glance_migrator.glance import PAGE_SIZE, Glance
 from glance_migrator.sharing import LocationIndex
@@ -41,13 +41,33 @@ def test_discovery_follows_every_page_when_glance_serves_fewer_images_than_asked
     counts: list[int] = []
     index = LocationIndex()
 
-    rows = discover(glance, [], "old", "new", Strategy.COPY_IMAGE, legacy=False, index=index, listed=counts.append)
+    rows = list(
+        discover(glance, [], "old", "new", Strategy.COPY_IMAGE, legacy=False, index=index, listed=counts.append)
+    )
 
     assert sorted(row.image_id for row, _ in rows) == sorted(s.id for s in visible + hidden)
     assert all(row.state == State.PENDING for row, _ in rows)
     # Glance capped each page at 3 and its `next` link led on: 3 + 2 visible, then 3 hidden and an empty page.
     assert counts == [3, 5, 8, 8]
     assert set(index.by_image) == {s.id for s in visible + hidden} and index.since is not None
+
+    # Rows come as the listing goes, none held: the first before the first page is even done.
+    counts.clear()
+    streamed = discover(glance, [], "old", "new", Strategy.COPY_IMAGE, legacy=False, listed=counts.append)
+    next(streamed)
+    assert counts == []  # (a page is counted once all its images have come)
+    for _ in range(3):
+        next(streamed)
+    assert counts == [3]  # the 4th image, the first of the second page
+    # A --limit takes the first images, and the listing still goes to its end: the sharing index holds them all.
+    counts.clear()
+    index = LocationIndex()
+    limited = discover(
+        glance, [], "old", "new", Strategy.COPY_IMAGE, legacy=False, index=index, listed=counts.append,
+        filters=Filters(limit=2),
+    )  # fmt: skip
+    assert [row.image_id for row, _ in limited] == [row.image_id for row, _ in rows[:2]]
+    assert counts == [3, 5, 8, 8] and set(index.by_image) == {s.id for s in visible + hidden}
 
     # The CLI says how far the listing got, on stderr.
     proc = cli("run", "--dry-run", "--from-store", "old", "--to-store", "new", env=dict(lab.env()), check_rc=EXIT_OK)

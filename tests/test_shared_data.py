@@ -199,7 +199,7 @@ def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
 
     monkeypatch.setattr(glance, "list_images", listed)
     index = LocationIndex()
-    rows = discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index)
+    rows = list(discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index))
     assert original.id in {row.image_id for row, _ in rows}
     image = raw_image(full_admin_conn, original.id)
     assert image is not None
@@ -257,7 +257,7 @@ def test_where_glance_hides_locations_the_index_reads_changed_images_through_the
     full_lab.reconfigure(HIDDEN)
     try:
         index = LocationIndex()
-        discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index)
+        list(discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index))
         assert index.since is None  # nothing seen: no index to trust
         shared = SharedData(glance, "ceph", legacy=False, index=index)
         hidden = raw_image(full_admin_conn, original.id)

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from glance_migrator.errors import IllegalTransition, StateDBError, UsageError
+from glance_migrator.glance import GlanceUnavailable
 from glance_migrator.models import ImageRow
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy, check_transition, next_state, transitions
 from glance_migrator.statedb import INSERT_BATCH, LeaseLost, LeaseOwner, StateDB
@@ -309,6 +310,24 @@ def test_a_run_of_several_insert_batches_is_recorded_whole_in_order_and_totalled
     assert (totals.images, totals.finished) == (len(ids), len(finished))
     assert (totals.bytes, totals.finished_bytes) == (len(ids) - 1, sum(row.size or 0 for row in finished))
     assert totals.retryable == {ids[5]}
+
+
+def test_a_run_whose_listing_fails_part_way_leaves_nothing(db: StateDB) -> None:
+    """create_run records discovery's rows as Glance lists them, batch by batch in one transaction: Glance failing
+    after a batch and a half went in leaves no run and no row, and a new run can start."""
+    ids = [f"88888888-8888-4888-8888-{i:012d}" for i in range(INSERT_BATCH + INSERT_BATCH // 2)]
+
+    def listing() -> Iterator[tuple[ImageRow, str | None]]:
+        yield from (_row(i) for i in ids)
+        raise GlanceUnavailable("Glance keeps failing: 503 on the next page")
+
+    with pytest.raises(GlanceUnavailable):
+        db.create_run("old", "new", Strategy.COPY_IMAGE, None, listing())
+    assert not db.has_runs()
+    with db.reading() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(ImageRow)) == 0
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, (_row(i) for i in ids))
+    assert [row.image_id for row in db.images(run.id)] == ids
 
 
 def test_a_run_that_cannot_be_recorded_whole_leaves_nothing(db: StateDB) -> None:
