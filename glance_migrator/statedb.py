@@ -235,13 +235,14 @@ class StateDB:
     # -- sessions ----------------------------------------------------------------------------------
 
     @contextmanager
-    def session(self, idle: int = IDLE_IN_WRITE) -> Iterator[Session]:
+    def session(self, idle: int | None = None) -> Iterator[Session]:
         """A transaction that commits on success; DB-level failures become StateDBError. `idle`: seconds it may
-        wait between statements on PostgreSQL."""
+        wait between statements on PostgreSQL (IDLE_IN_WRITE unless said)."""
         with _db_errors(self.url), self._sessions.begin() as session:
             if self.engine.dialect.name == "postgresql":
                 # A runner frozen mid-transaction (a paused VM) would hold its row locks, and claims skip locked
                 # rows: the server ends such a transaction instead, and the others can take the image over.
+                idle = IDLE_IN_WRITE if idle is None else idle
                 session.execute(sa.text(f"SET LOCAL idle_in_transaction_session_timeout = '{idle}s'"))
             yield session
 
