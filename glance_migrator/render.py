@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import textwrap
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
@@ -177,9 +176,10 @@ def print_images(rep: RunReport, fmt: Format, columns: list[str]) -> None:
 def _json_list(items: Iterable[Any], indent: str, out: TextIO | None = None) -> None:
     """Write a JSON list item by item, as json.dump(list, indent=2) would lay it out at nesting `indent`."""
     out = out or sys.stdout
+    pad = indent + "  "
     first = True
-    for item in items:
-        out.write(("[\n" if first else ",\n") + textwrap.indent(json.dumps(item, indent=2), indent + "  "))
+    for item in items:  # json.dumps never writes an empty line, nor a raw newline inside a value
+        out.write(("[\n" if first else ",\n") + pad + json.dumps(item, indent=2).replace("\n", "\n" + pad))
         first = False
     out.write("[]" if first else f"\n{indent}]")
 

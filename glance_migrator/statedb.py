@@ -351,9 +351,8 @@ class StateDB:
             query = sa.select(ImageRow).where(ImageRow.run_id == run_id).order_by(ImageRow.position, ImageRow.image_id)
             if states is not None:
                 query = query.where(ImageRow.state.in_([str(st) for st in states]))
-            for row in s.scalars(query.execution_options(yield_per=batch)):
-                yield row
-                s.expunge(row)  # the session keeps no reference: read rows can go
+            # the session's identity map holds rows weakly: a row the caller dropped is freed
+            yield from s.scalars(query.execution_options(yield_per=batch))
 
     def events_of(self, run_id: int, image_ids: Sequence[str]) -> list[Event]:
         """The events of these images (a batch of them), in order; read through their own index."""
