@@ -261,11 +261,13 @@ class Runner:
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"
         unavailable = 0  # steps of this image that Glance kept failing while it answered other requests
+        seen = None  # the image as the step just recorded saw it last: the next step starts from it
         while State(row.state) not in TERMINAL:
             target = next_state(strategy, State(row.state))
             if target is None:  # a state outside this strategy's path: a bug or a hand-edited DB
                 raise MigratorError(f"image {row.image_id}: state {row.state} has no next step for {strategy}")
             lease.check()  # still ours (asks the DB when the heartbeat has not confirmed it lately) before a step acts
+            ctx.seen, seen = seen, None
             try:
                 result = steps[target](ctx, row)
             except Interrupted:
@@ -308,6 +310,7 @@ class Runner:
                 log.error("%s: %s at %s: %s", label, outcome, row.state, error)
                 return
             row = self._record(row, lease, target, result.message, **result.fields)
+            seen = result.seen
             log.info("%s: %s: %s", label, target, result.message)
             if self.stop.is_set():
                 return

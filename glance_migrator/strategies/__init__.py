@@ -20,8 +20,9 @@ from glance_migrator.sharing import SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
 
-POLL_FIRST: Final = 0.05  # seconds before the first look at a running Glance task (a small copy is done by then)
-POLL_BACKOFF: Final = 1.5  # each wait this much longer than the one before ...
+POLL_FIRST: Final = 0.1  # seconds between looks at a running Glance task while it is young ...
+POLL_BRISK: Final = 2.0  # ... (a small image's copy takes a fraction of a second: it is seen within 0.1 s) ...
+POLL_BACKOFF: Final = 1.5  # ... then each wait this much longer than the one before ...
 POLL_INTERVAL: Final = 2.0  # ... up to this, for long copies
 COPY_TIMEOUT: Final = 6 * 3600.0  # a copy-image task that has not finished in 6 h is reported as failed
 LOCK_TIMEOUT: Final = 3600.0  # how long to wait for another operation's import lock on an image
@@ -47,6 +48,8 @@ class StepContext:
     spool: Spool | None = None  # location-swap's download dir; None with --no-spool
     legacy: bool = False  # a single-store Glance: stores are location URL schemes (glance.LEGACY_SCHEMES)
     lease: Callable[[], None] = lambda: None  # raises LeaseLost once another worker holds the image (runner.py)
+    # the image as the previous step saw it as it ended, just before this step (StepResult.seen; runner.py)
+    seen: dict[str, Any] | None = None
 
     def sleep(self, seconds: float) -> None:
         """Wait, but give up at once when the operator asks to stop, or when the image's lease was taken over
@@ -57,19 +60,29 @@ class StepContext:
         self.lease()
 
     def polls(self) -> Iterator[None]:
-        """Wait between looks at something Glance is doing: briefly at first, then longer (x1.5, up to
-        poll_interval), so a small image's copy is noticed within ~0.1 s and a long one costs few requests."""
-        wait = self.poll_first
+        """Wait between looks at something Glance is doing: every poll_first seconds for its first POLL_BRISK
+        seconds, so a small image's copy is noticed within ~0.1 s of its end, then longer (x1.5, up to
+        poll_interval), so a long one costs few requests."""
+        wait, brisk = self.poll_first, POLL_BRISK
         while True:
             self.sleep(wait)
             yield
-            wait = min(wait * POLL_BACKOFF, self.poll_interval)
+            brisk -= wait
+            if brisk <= 0:
+                wait = min(wait * POLL_BACKOFF, self.poll_interval)
+
+    def handed(self, image_id: str) -> dict[str, Any] | None:
+        """The image the previous step read last, once: a step that starts with the state that step ended in
+        need not ask Glance again (the runner only recorded the step in between)."""
+        seen, self.seen = self.seen, None
+        return seen if seen is not None and seen.get("id") == image_id else None
 
 
 @dataclass
 class StepResult:
     message: str
     fields: dict[str, Any] = field(default_factory=dict)
+    seen: dict[str, Any] | None = None  # the image as Glance showed it at the step's end (nothing changed it since)
 
 
 Step = Callable[[StepContext, ImageRow], StepResult]

@@ -37,6 +37,7 @@ from glance_migrator.verify import check_unchanged
 log = logging.getLogger(__name__)
 
 MAX_REREQUESTS: Final = 3  # times a copy that vanished (neither done, running nor failed) is asked again
+TASK_LOOK: Final = 10.0  # seconds between reads of a running copy task, to see it is alive
 LOCK_PROBE_INTERVAL: Final = 300.0  # while locked, ask again this often: breaks the lock of a dead task
 # Glance breaks a task's import lock, on the next import request, once the task was last updated this long ago.
 LOCK_EXPIRY: Final = {"pending": 7200.0, "processing": 3600.0}
@@ -121,16 +122,23 @@ def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
 
 
 class _TaskWatch:
-    """Notices a copy task that stopped making progress (its thread died, Glance lost it)."""
+    """Notices a copy task that stopped making progress (its thread died, Glance lost it). It reads the task at
+    most every TASK_LOOK seconds (a tenth of stuck_after if that is shorter): a task updates itself about once a
+    minute, and a small image's copy ends before the first look."""
 
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx
         self.seen: tuple[str, Any] | None = None
         self.since = time.monotonic()
+        self.every = min(TASK_LOOK, ctx.stuck_after / 10)
+        self.next_look = time.monotonic() + self.every
 
     def check(self, task_id: str) -> bool:
         """True when the task's lock has expired by Glance's rule: a new request now breaks it (and copies).
         Raises ImageFailure for a task that has not moved for ctx.stuck_after seconds."""
+        if time.monotonic() < self.next_look:
+            return False
+        self.next_look = time.monotonic() + self.every
         task = self.ctx.glance.get_task(task_id)
         if task is None or task.get("status") in ("success", "failure"):
             return False  # finished or gone: the lock drops (or is broken by the next request)
@@ -202,6 +210,7 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
                         "after_hash_value": image.get("os_hash_value"),
                         "after_size": image.get("size"),
                     },
+                    seen=image,
                 )
             if ctx.to_store in failed_import_stores(image):
                 why = ctx.glance.last_task_message(row.image_id)
@@ -244,29 +253,39 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
         next(polls)
 
 
-def _unlocked(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
-    """The image once no import holds its lock (a store delete must never race an import)."""
+def _unlocked(ctx: StepContext, row: ImageRow, seen: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The image once no import holds its lock (a store delete must never race an import); `seen`: as the step
+    before saw it as it ended, instead of a first read."""
     deadline = time.monotonic() + ctx.lock_timeout
     polls = ctx.polls()
-    while True:
-        image = _current(ctx, row)
-        if _lock_holder(image) is None:
-            return image
+    image = seen or _current(ctx, row)
+    while _lock_holder(image) is not None:
         if time.monotonic() > deadline:
             raise ImageFailure(f"an import kept the image locked for {ctx.lock_timeout:.0f} s; not deleting under it")
         next(polls)
+        image = _current(ctx, row)
+    return image
 
 
 def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = _unlocked(ctx, row)  # a store delete must never race an import: Glance does not lock it
+    # a store delete must never race an import (Glance does not lock it): the image copied and unlocked as the
+    # copy step ended, or as Glance shows it now
+    image = _unlocked(ctx, row, ctx.handed(row.image_id))
     stores = image_stores(image)
     if ctx.from_store not in stores and ctx.to_store not in stores:
         raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
-    return StepResult(remove_old_data(ctx, row, image, refresh=lambda: _unlocked(ctx, row)))
+    last = image
+
+    def refresh() -> dict[str, Any]:
+        nonlocal last
+        last = _unlocked(ctx, row)
+        return last
+
+    return StepResult(remove_old_data(ctx, row, image, refresh=refresh), seen=last if last is not image else None)
 
 
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = _current(ctx, row)
+    image = ctx.handed(row.image_id) or _current(ctx, row)  # as read after the delete, or now
     stores = image_stores(image)
     check_unchanged(row, image, "final check")
     if ctx.to_store not in stores or ctx.from_store in stores:
