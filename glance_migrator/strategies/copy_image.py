@@ -274,18 +274,11 @@ def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
     stores = image_stores(image)
     if ctx.from_store not in stores and ctx.to_store not in stores:
         raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
-    last = image
-
-    def refresh() -> dict[str, Any]:
-        nonlocal last
-        last = _unlocked(ctx, row)
-        return last
-
-    return StepResult(remove_old_data(ctx, row, image, refresh=refresh), seen=last if last is not image else None)
+    return StepResult(remove_old_data(ctx, row, image, refresh=lambda: _unlocked(ctx, row)))
 
 
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = ctx.handed(row.image_id) or _current(ctx, row)  # as read after the delete, or now
+    image = _current(ctx, row)  # a last look, once the removal is recorded
     stores = image_stores(image)
     check_unchanged(row, image, "final check")
     if ctx.to_store not in stores or ctx.from_store in stores:
