@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -64,7 +65,8 @@ class Filters:
         )
 
     def sort_key(self, image: dict[str, Any]) -> tuple[Any, ...]:
-        """Where `order` puts the image (then by id, so that equal keys keep one order)."""
+        """Where `order` (which must be set) puts the image (then by id, so that equal keys keep one order)."""
+        assert self.order is not None
         size = image.get("size") or 0
         first = {
             Order.NAME: image.get("name") or "",
@@ -72,7 +74,7 @@ class Filters:
             Order.LARGEST: -size,
             Order.OLDEST: image.get("created_at") or "",
         }
-        return (first[self.order], image["id"]) if self.order else (image["id"],)
+        return first[self.order], image["id"]
 
 
 def discover(
@@ -109,14 +111,11 @@ def discover(
     if filters.order:
         keyed = [(filters.sort_key(image), _classified(image)) for image in chosen]
         keyed.sort(key=lambda pair: pair[0])
-        rows: Iterable[tuple[ImageRow, str | None]] = (row for _key, row in keyed)
-    else:
-        rows = (_classified(image) for image in chosen)
-    taken = 0
-    for row in rows:  # past the limit the listing is still read to its end: it fills the sharing index
-        if filters.limit is None or taken < filters.limit:
-            taken += 1
-            yield row
+        yield from (row for _key, row in keyed[: filters.limit])
+        return
+    yield from (_classified(image) for image in itertools.islice(chosen, filters.limit))
+    for _image in chosen:  # past the limit the listing is still read to its end (unclassified): it fills the index
+        pass
 
 
 def _chosen(images: Iterable[dict[str, Any]], filters: Filters, listed_all: bool) -> Iterator[dict[str, Any]]:
