@@ -67,8 +67,9 @@ class LocationIndex:
     current by SharedData."""
 
     def __init__(self) -> None:
-        self.by_url: dict[str, set[str]] = defaultdict(set)
-        self.by_image: dict[str, tuple[str, ...]] = {}  # a tuple: a third of a set's memory, at 50,000 images
+        # tuples, not sets: a third of the memory at 50,000 images (almost every URL has one image, few have more)
+        self.by_url: dict[str, tuple[str, ...]] = {}
+        self.by_image: dict[str, tuple[str, ...]] = {}
         self.copies: dict[str, set[str]] = defaultdict(set)  # image id -> ids of its copies (few images have any)
         self.copy_of: dict[str, str] = {}  # copy id -> the image it was made for
         self.since: str | None = None  # None: no complete listing yet, the next read lists every image
@@ -100,7 +101,7 @@ class LocationIndex:
         if found:
             self.by_image[image_id] = found
             for url in found:
-                self.by_url[url].add(image_id)
+                self.by_url[url] = (*self.by_url.get(url, ()), image_id)
         if copy_of:
             self.copy_of[image_id] = copy_of
             self.copies[copy_of].add(image_id)
@@ -112,11 +113,9 @@ class LocationIndex:
             if not self.copies[original]:
                 del self.copies[original]
         for url in self.by_image.pop(image_id, ()):
-            users = self.by_url.get(url)
-            if users is not None:
-                users.discard(image_id)
-                if not users:
-                    del self.by_url[url]
+            others = tuple(user for user in self.by_url.pop(url, ()) if user != image_id)
+            if others:
+                self.by_url[url] = others
 
     def listing(self, urls: Collection[str]) -> set[str]:
         return {image_id for url in urls for image_id in self.by_url.get(url, ())}
