@@ -1039,8 +1039,17 @@ def _held_after(proc: subprocess.Popen[bytes], db: Path, gate: _LogGate, state: 
     """Hold the runner exactly after it recorded an image's step into `state` (copy-requested or later): the DB's
     write lock holds that record back until the runner's log line before it is out and the gate is shut; released,
     the runner records the step and blocks writing the line that logs it, making no request, until gate.open().
-    Returns the image."""
+    Returns the image. A step that can take no time (copy-image's final check starts from the read after the
+    delete: no request) leaves no window to catch the image before it: it is reached from the step before, held."""
     before = COPY_PATH[COPY_PATH.index(state) - 1]
+    if state == "done":
+        image = _held_after(proc, db, gate, before)  # blocked on the line that logs `before`
+        with _db_writes_held(db):  # let go, it writes that line, takes the step and waits here to record it
+            gate.open()
+            assert wait_for(functools.partial(gate.logged, image, before), timeout=20), gate.text
+            gate.shut()
+        assert wait_for(lambda: _peek(db, _state_of(image)) == state, timeout=30), (image, state)
+        return image
     find = _taken_up if before == "pending" else _recorded_into(before)  # taken up: its earlier lines are out
     image = None
     deadline = time.monotonic() + 180

@@ -274,11 +274,20 @@ def remove_old(ctx: StepContext, row: ImageRow) -> StepResult:
     stores = image_stores(image)
     if ctx.from_store not in stores and ctx.to_store not in stores:
         raise ImageFailure(f"in neither {ctx.from_store} nor {ctx.to_store} (stores: {sorted(stores)})")
-    return StepResult(remove_old_data(ctx, row, image, refresh=lambda: _unlocked(ctx, row)))
+    last = image
+
+    def refresh() -> dict[str, Any]:
+        nonlocal last
+        last = _unlocked(ctx, row)
+        return last
+
+    done = remove_old_data(ctx, row, image, refresh=refresh)
+    return StepResult(done, seen=last if last is not image else None)  # the read that saw the old store gone
 
 
 def confirm(ctx: StepContext, row: ImageRow) -> StepResult:
-    image = _current(ctx, row)  # a last look, once the removal is recorded
+    # the last look: as Glance showed the image after the delete, ms ago (no request then), or, resumed, now
+    image = ctx.handed(row.image_id) or _current(ctx, row)
     stores = image_stores(image)
     check_unchanged(row, image, "final check")
     if ctx.to_store not in stores or ctx.from_store in stores:
