@@ -257,6 +257,7 @@ class Runner:
             legacy=self.legacy,
             stuck_after=self.stuck_after,
             lease=lease.check,
+            first_try=row.attempts == 0,  # as claimed, before this attempt is counted
         )
         self.db.bump_attempts(row.run_id, row.image_id)
         label = f"{row.image_id} ({row.name or 'unnamed'})"

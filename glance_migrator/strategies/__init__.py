@@ -50,6 +50,8 @@ class StepContext:
     lease: Callable[[], None] = lambda: None  # raises LeaseLost once another worker holds the image (runner.py)
     # the image as the previous step saw it as it ended, just before this step (StepResult.seen; runner.py)
     seen: dict[str, Any] | None = None
+    # no worker took the image before: no earlier attempt, crash or failure can have left anything of it in Glance
+    first_try: bool = False
 
     def sleep(self, seconds: float) -> None:
         """Wait, but give up at once when the operator asks to stop, or when the image's lease was taken over

@@ -96,6 +96,20 @@ def _proving_task(ctx: StepContext, row: ImageRow) -> str | None:
 
 
 def request_copy(ctx: StepContext, row: ImageRow) -> StepResult:
+    """On an image's first try the copy is asked for at once, and the image read only if Glance refuses: accepted
+    (202), the target did not hold the image, which is all a read before would have shown (a request less per
+    image). Refused, or on a retry or a resume (where a dead copy's lock or an earlier copy may be waiting), the
+    image is read first and each case met: already in the target (proven by a task of this run, or deleted as
+    unproven), a copy already running, a lock held by another import, no longer in the source store or active.
+    The record is checked against discovery's after the copy too (wait_copied), and Glance hashes what it copies
+    against it. On a first try, an image moved from the source store to a third one since discovery is copied
+    from there (Glance reads any of its locations); nothing is deleted from the third store."""
+    if ctx.first_try:
+        try:
+            ctx.glance.copy_to_store(row.image_id, ctx.to_store)
+            return StepResult(f"copy-image to {ctx.to_store} accepted")
+        except GlanceHTTPError as e:
+            log.debug("%s: Glance refused the copy (%s); looking at the image", row.image_id, e)
     image = _current(ctx, row)
     check_unchanged(row, image, "before copy")
     stores = image_stores(image)
@@ -183,6 +197,7 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
     expired: set[str] = set()  # dead tasks whose lock we asked Glance to break (then only the probes ask again)
     polls = ctx.polls()
     while True:
+        next(polls)  # first too: no copy is done the instant it was asked for (resumed, 0.1 s is nothing)
         image = _current(ctx, row)
         stores = image_stores(image)
         lock = _lock_holder(image)
@@ -250,7 +265,6 @@ def wait_copied(ctx: StepContext, row: ImageRow) -> StepResult:
             _post_copy(ctx, row)  # 409 while the task lives; after a dead task's lock expires, restarts it
         if time.monotonic() > deadline:
             raise ImageFailure(f"copy to {ctx.to_store} did not finish within {ctx.copy_timeout:.0f} s")
-        next(polls)
 
 
 def _unlocked(ctx: StepContext, row: ImageRow, seen: dict[str, Any] | None = None) -> dict[str, Any]:
