@@ -138,10 +138,12 @@ def test_the_cli_every_test_runs_is_the_installed_wheel_of_this_checkout(tmp_pat
 
 def _floors() -> list[str]:
     """`name==lowest` for each dependency of pyproject.toml and of its `postgresql` extra (every one is
-    `name>=lowest`, or `name[extras]>=lowest`)."""
+    `name>=lowest`, or `name[extras]>=lowest`, with at most a ceiling after it: `,<first-refused`)."""
     pins = []
     for requirement in [*PROJECT["dependencies"], *PROJECT["optional-dependencies"]["postgresql"]]:
-        found = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?>=([0-9.]+)", requirement.replace(" ", ""))
+        found = re.fullmatch(
+            r"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?>=([0-9.]+)(?:,<[0-9.]+)?", requirement.replace(" ", "")
+        )
         assert found, f"{requirement!r}: a dependency without a tested floor"
         pins.append(f"{found[1]}=={found[2]}")
     return pins
