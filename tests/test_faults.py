@@ -299,10 +299,10 @@ def test_copy_image_asks_glance_per_image_only_about_that_image(via_proxy: Proxi
         mine = [r for r in seen if seeded.id in r]
         assert [r.split("?")[0] for r in mine if "/tasks" in r] == [f"GET /v2/images/{seeded.id}/tasks"], mine
         assert sum(r.startswith("POST") for r in mine) == 1 and sum(r.startswith("DELETE") for r in mine) == 1, mine
-        # the delete starts from the image as the copy step last read it (copied, unlocked), not a read again ms
-        # later; after it, one read to see the old store gone, which the final check starts from
         # discovery's read (--image), then the copy asked for at once: a read before it shows nothing more
         assert mine[:2] == [f"GET /v2/images/{seeded.id}", f"POST /v2/images/{seeded.id}/import"], mine
+        # the delete starts from the image as the copy step last read it (copied, unlocked), not a read again ms
+        # later; after it, one read to see the old store gone, which the final check starts from
         proof = next(i for i, r in enumerate(mine) if "/tasks" in r)
         delete = next(i for i, r in enumerate(mine) if r.startswith("DELETE"))
         assert proof < delete and mine[proof + 1 : delete] == [], mine
