@@ -1,4 +1,4 @@
-"""The command line: parse options, call one function of commands.py, render, exit. Nothing else."""
+"""The command line: parse options, call one function of commands.py or reports.py, render, exit. Nothing else."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import typer
 
 import glance_migrator
-from glance_migrator import commands, render
+from glance_migrator import commands, render, reports
 from glance_migrator.bandwidth import Bandwidth
 from glance_migrator.discovery import Filters, Order
 from glance_migrator.errors import EXIT_OK, Aborted, MigratorError, UsageError
@@ -380,7 +380,7 @@ def status(
     state_db = _open_db(db, readonly=True)
     fmt = render.Format.JSON if as_json else fmt
     while True:
-        rep = commands.report(state_db, run_id)
+        rep = reports.report(state_db, run_id)
         if watch is not None and sys.stdout.isatty():
             print("\033[2J\033[H", end="")  # clear the screen between redraws, as `watch` does
         if fmt is None:
@@ -402,7 +402,7 @@ def report(
 
     Example: glance-migrator report migration-audit.csv
     """
-    records = commands.audit(_open_db(db, readonly=True), run_id)
+    records = reports.audit(_open_db(db, readonly=True), run_id)
     try:
         written = render.write_audit(records, output)
     except OSError as e:

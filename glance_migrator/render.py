@@ -30,9 +30,10 @@ from rich.progress import (
 from rich.table import Table
 
 from glance_migrator.checks import Finding
-from glance_migrator.commands import STATUS_COLUMNS, Plan, RunReport, status_head, status_records
+from glance_migrator.commands import Plan
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.models import ImageRow
+from glance_migrator.reports import STATUS_COLUMNS, RunReport, status_head, status_records
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 from glance_migrator.statedb import Lease, Totals
 
