@@ -10,8 +10,9 @@ from pathlib import Path
 
 from glance_migrator.checks import CloudProfile, Finding, choose_strategy, preflight
 from glance_migrator.checks import report as cloud_report
-from glance_migrator.discovery import Filters, discover, parse_image_ids
+from glance_migrator.discovery import discover, parse_image_ids
 from glance_migrator.errors import UsageError
+from glance_migrator.filters import NO_FILTERS, Filters
 from glance_migrator.formats import refusal_of
 from glance_migrator.glance import Glance
 from glance_migrator.models import ImageRow
@@ -26,7 +27,6 @@ from glance_migrator.strategies import STUCK_AFTER
 log = logging.getLogger(__name__)
 
 GlanceFactory = Callable[[], Glance]
-NO_FILTERS = Filters()
 
 
 def run_migration(

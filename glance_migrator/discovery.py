@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final
 
 from glance_migrator.errors import UsageError
+from glance_migrator.filters import NO_FILTERS, Filters
 from glance_migrator.glance import Glance, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.sharing import COPY_OF_PROPERTY, LocationIndex
@@ -33,50 +31,6 @@ def parse_image_ids(values: Sequence[str]) -> list[str]:
     return ids
 
 
-class Order(StrEnum):
-    NAME = "name"
-    SMALLEST = "smallest"  # small images first: the most images done soonest
-    LARGEST = "largest"
-    OLDEST = "oldest"
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Which images a run takes (`run --owner --visibility --name --exclude --min-size --max-size --limit --order`)."""
-
-    owners: tuple[str, ...] = ()
-    visibilities: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()  # globs
-    exclude: tuple[str, ...] = ()  # UUIDs or name globs
-    min_size: int | None = None
-    max_size: int | None = None
-    limit: int | None = None
-    order: Order | None = None
-
-    def accepts(self, image: dict[str, Any]) -> bool:
-        name, size = image.get("name") or "", image.get("size")
-        return (
-            (not self.owners or image.get("owner") in self.owners)
-            and (not self.visibilities or image.get("visibility") in self.visibilities)
-            and (not self.names or any(fnmatch.fnmatchcase(name, glob) for glob in self.names))
-            and not any(image["id"] == ex or fnmatch.fnmatchcase(name, ex) for ex in self.exclude)
-            and (self.min_size is None or (size is not None and size >= self.min_size))
-            and (self.max_size is None or (size is not None and size <= self.max_size))
-        )
-
-    def sort_key(self, image: dict[str, Any]) -> tuple[Any, ...]:
-        """Where `order` (which must be set) puts the image (then by id, so that equal keys keep one order)."""
-        assert self.order is not None
-        size = image.get("size") or 0
-        first = {
-            Order.NAME: image.get("name") or "",
-            Order.SMALLEST: size,
-            Order.LARGEST: -size,
-            Order.OLDEST: image.get("created_at") or "",
-        }
-        return first[self.order], image["id"]
-
-
 def discover(
     glance: Glance,
     image_ids: Sequence[str],
@@ -84,7 +38,7 @@ def discover(
     to_store: str,
     strategy: Strategy,
     legacy: bool,
-    filters: Filters = Filters(),
+    filters: Filters = NO_FILTERS,
     empty_strategy: Strategy | None = None,
     index: LocationIndex | None = None,
     listed: Callable[[int], None] | None = None,

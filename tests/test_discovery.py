@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from openstack.connection import Connection
 
-from glance_migrator.discovery import Filters, discover
+from glance_migrator.discovery import discover
 from glance_migrator.errors import EXIT_OK
+from glance_migrator.filters import Filters
 from glance_migrator.glance import PAGE_SIZE, Glance
 from glance_migrator.sharing import LocationIndex
 from glance_migrator.state import State, Strategy
