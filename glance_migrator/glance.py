@@ -29,6 +29,7 @@ from tenacity import (
 
 from glance_migrator.bandwidth import DOWN, UP, Bandwidth
 from glance_migrator.errors import CloudError
+from glance_migrator.redaction import redact
 
 if TYPE_CHECKING:
     import openstack.connection
@@ -104,31 +105,6 @@ _retry_transient = retry(
     before_sleep=before_sleep_log(log, logging.WARNING),
     reraise=True,
 )
-
-
-_URL_CREDENTIALS: Final = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
-# Store location URLs: older glance_stores put S3 keys and Swift passwords in them, and all of them name the
-# backend's internals (Ceph fsid and pool, buckets, volumes). Shown whole to nobody.
-_STORE_LOCATION: Final = re.compile(
-    r"\b((?:rbd|s3(?:\+https?)?|swift(?:\+https?|\+config)?|cinder|vsphere)://)[^\s\"'<>,;]+", re.IGNORECASE
-)
-
-
-def redact(text: str) -> str:
-    """Hide store location URLs (rbd://, s3://, swift://...) and credentials in any other URL
-    (https://user:password@...) before text is logged, shown or stored."""
-    return _URL_CREDENTIALS.sub(r"\1***@", _STORE_LOCATION.sub(r"\1***", text))
-
-
-class RedactingFilter(logging.Filter):
-    """Applied to every log handler: at -v, keystoneauth logs whole Glance responses, locations included."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
 
 
 def _detail(response: requests.Response) -> str:

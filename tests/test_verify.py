@@ -9,8 +9,8 @@ import os
 import pytest
 
 from glance_migrator.errors import IntegrityFailure
-from glance_migrator.glance import redact
 from glance_migrator.models import ImageRow
+from glance_migrator.redaction import redact
 from glance_migrator.spool import HashingStream
 from glance_migrator.verify import check_unchanged, differences, has_fingerprint, new_hashes
 
