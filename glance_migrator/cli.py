@@ -22,12 +22,12 @@ from glance_migrator import commands, render, reports
 from glance_migrator.bandwidth import Bandwidth
 from glance_migrator.errors import EXIT_OK, Aborted, MigratorError, UsageError
 from glance_migrator.filters import Filters, Order
-from glance_migrator.glance import READ_TIMEOUT, Glance
+from glance_migrator.glance import Glance
 from glance_migrator.redaction import RedactingFilter
 from glance_migrator.spool import default_spool_dir
 from glance_migrator.state import Strategy
 from glance_migrator.statedb import LEASE_TTL, StateDB, default_db_path
-from glance_migrator.strategies import STUCK_AFTER
+from glance_migrator.timeouts import READ_TIMEOUT, STUCK_AFTER
 
 LEASE_SECONDS = LEASE_TTL.total_seconds()
 

@@ -22,7 +22,7 @@ from glance_migrator.sharing import LocationIndex
 from glance_migrator.spool import Spool, default_spool_dir
 from glance_migrator.state import RETRYABLE, State, Strategy
 from glance_migrator.statedb import StateDB
-from glance_migrator.strategies import STUCK_AFTER
+from glance_migrator.timeouts import STUCK_AFTER
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from tenacity import (
 from glance_migrator.bandwidth import DOWN, UP, Bandwidth
 from glance_migrator.errors import CloudError
 from glance_migrator.redaction import redact
+from glance_migrator.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT
 
 if TYPE_CHECKING:
     import openstack.connection
@@ -46,8 +47,6 @@ RETRY_WAIT_MAX: Final = 15.0  # ... up to this, so a burst of ~30 s of trouble i
 PAGE_SIZE: Final = 1000
 CHUNK: Final = 1 << 20  # bytes per read when streaming image data
 PACED_PIECE: Final = 64 << 10  # bytes an upload under --bwlimit sends at a time
-CONNECT_TIMEOUT: Final = 10.0
-READ_TIMEOUT: Final = 300.0  # default wait for an answer or the next body bytes: a store delete can take minutes
 ADMIN_ROLES: Final = frozenset({"admin"})
 LOCATIONS_API: Final = (2, 17)  # GET /v2/images/{id}/locations (Glance 29, 2024.2)
 # Glance's API version per release, for the operator: what `check` names (README "Supported Glance releases")

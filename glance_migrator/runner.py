@@ -33,7 +33,8 @@ from glance_migrator.sharing import SHARED, LocationIndex, SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import TERMINAL, State, Strategy, next_state
 from glance_migrator.statedb import LeaseLost, LeaseOwner, StateDB, Totals
-from glance_migrator.strategies import STUCK_AFTER, Interrupted, StepContext, steps_for
+from glance_migrator.strategies import Interrupted, StepContext, steps_for
+from glance_migrator.timeouts import STUCK_AFTER
 
 log = logging.getLogger(__name__)
 

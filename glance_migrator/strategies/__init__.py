@@ -19,14 +19,12 @@ from glance_migrator.models import ImageRow
 from glance_migrator.sharing import SharedData
 from glance_migrator.spool import Spool
 from glance_migrator.state import State, Strategy
+from glance_migrator.timeouts import COPY_TIMEOUT, LOCK_TIMEOUT, STUCK_AFTER
 
 POLL_FIRST: Final = 0.1  # seconds between looks at a running Glance task while it is young ...
 POLL_BRISK: Final = 2.0  # ... (a small image's copy takes a fraction of a second: it is seen within 0.1 s) ...
 POLL_BACKOFF: Final = 1.5  # ... then each wait this much longer than the one before ...
 POLL_INTERVAL: Final = 2.0  # ... up to this, for long copies
-COPY_TIMEOUT: Final = 6 * 3600.0  # a copy-image task that has not finished in 6 h is reported as failed
-LOCK_TIMEOUT: Final = 3600.0  # how long to wait for another operation's import lock on an image
-STUCK_AFTER: Final = 600.0  # a running copy task updates itself about every 60 s; 10 min silent = dead
 
 
 class Interrupted(Exception):
