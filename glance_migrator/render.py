@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 from rich.console import Console, RenderableType
@@ -29,13 +29,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from glance_migrator.checks import Finding
-from glance_migrator.commands import Plan
 from glance_migrator.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.models import ImageRow
 from glance_migrator.reports import STATUS_COLUMNS, RunReport, status_head, status_records
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy
 from glance_migrator.statedb import Lease, Totals
+
+if TYPE_CHECKING:  # only annotations: status and report start without the cloud libraries these import
+    from glance_migrator.checks import Finding
+    from glance_migrator.commands import Plan
 
 
 def exit_code(rep: RunReport) -> int:

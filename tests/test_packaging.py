@@ -1,5 +1,6 @@
 """The tool as users install it: the sdist and the wheel built from this checkout, each installed into a fresh
-venv outside it, start and answer every command; and the CLI the rest of the suite runs is that wheel.
+venv outside it, start and answer every command; the CLI the rest of the suite runs is that wheel; and its
+read-only commands start without the cloud libraries.
 
 `./dev test` installs the wheel into .venv non-editable; in-process tests import the source tree, every CLI
 call runs the installed copy. So a module left out of the wheel, or a stale install, fails here.
@@ -24,10 +25,14 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from glance_migrator.cli import app
+from glance_migrator.models import ImageRow
+from glance_migrator.state import State, Strategy
+from glance_migrator.statedb import StateDB
 from tests.glancetools import CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+CLOUD_LIBRARIES = ("requests", "keystoneauth1", "openstack", "tenacity")  # what glance.py loads
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
 
@@ -134,6 +139,38 @@ def test_the_cli_every_test_runs_is_the_installed_wheel_of_this_checkout(tmp_pat
         if not (installed := package.parent / name).is_file() or installed.read_bytes() != source.read_bytes()
     ]
     assert not differing, f"the installed tool is not this checkout's (run ./dev test to rebuild): {differing}"
+
+
+def test_status_and_report_start_without_the_cloud_libraries(tmp_path: Path) -> None:
+    """The installed CLI's module, and status and report on a state DB, import none of the libraries that talk to
+    Glance (a quarter of a second of start-up): only run, check and retry load them."""
+    python = Path(CLI[0]).with_name("python")
+    db = tmp_path / "state.db"
+    state = StateDB.open(str(db))
+    rows = [
+        (ImageRow(image_id=f"66666666-6666-4666-8666-{i:012d}", name=f"img-{i}", status="active", size=i,
+                  stores="old", strategy=str(Strategy.COPY_IMAGE), state=str(st), attempts=0), None)
+        for i, st in enumerate((State.PENDING, State.SKIPPED))
+    ]  # fmt: skip
+    state.create_run("old", "new", Strategy.COPY_IMAGE, None, rows)
+    state.close()
+    probe = f"import glance_migrator.cli, sys; print([m for m in {CLOUD_LIBRARIES!r} if m in sys.modules])"
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=_clean_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"import glance_migrator.cli loads {proc.stdout.strip()}"
+    for command in (["status", "--db", str(db)], ["report", str(tmp_path / "audit.json"), "--db", str(db)]):
+        proc = subprocess.run(
+            [python, "-X", "importtime", "-m", "glance_migrator", *command],
+            capture_output=True,
+            text=True,
+            env=_clean_env(),
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        imported = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import ")}
+        assert "glance_migrator.reports" in imported, proc.stderr[-2000:]  # the list is what the command imported
+        loaded = sorted({name.partition(".")[0] for name in imported} & set(CLOUD_LIBRARIES))
+        assert not loaded, f"{command[0]} imports the cloud libraries: {loaded}"
 
 
 def _floors() -> list[str]:
