@@ -12,7 +12,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import yaml
 from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
@@ -160,6 +159,8 @@ def print_images(rep: RunReport, fmt: Format, columns: list[str]) -> None:
         _json_list(rows, indent="")
         sys.stdout.write("\n")
     elif fmt == Format.YAML:
+        import yaml  # noqa: PLC0415 - a few hundredths of a second of start-up that only -f yaml needs
+
         print(yaml.safe_dump(list(rows), sort_keys=False), end="")
     elif fmt == Format.CSV:
         writer = csv.DictWriter(sys.stdout, fieldnames=cols, lineterminator="\n")
