@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -228,27 +228,31 @@ class SharedData:
             since, started = change_mark(self.glance)
             if index.since is None:  # nothing read yet (`run --resume`, --image, hidden locations): every image
                 fresh = LocationIndex()
-                for image, image_urls in self._read(None):
-                    fresh.put(image["id"], image_urls, image.get(COPY_OF_PROPERTY))
+                for page in self._read(None):
+                    for image, image_urls in page:
+                        fresh.put(image["id"], image_urls, image.get(COPY_OF_PROPERTY))
                 with self._lock:
                     self._index = index = fresh
             else:
-                changed = {
-                    image["id"]: (image_urls, image.get(COPY_OF_PROPERTY))
-                    for image, image_urls in self._read(index.since)
-                }
-                with self._lock:
-                    for image_id, (image_urls, copy_of) in changed.items():
-                        index.put(image_id, image_urls, copy_of)
-                log.debug("sharing index: %d image(s) changed since %s", len(changed), index.since)
+                # a page at a time, not the changes of the whole read at once: after a bulk change (or a catalogue
+                # written minutes ago) that is every image again. No lookup sees a page applied and the next not:
+                # lookups wait for this read (self._reading) before they look.
+                changed = 0
+                for page in self._read(index.since):
+                    with self._lock:
+                        for image, image_urls in page:
+                            index.put(image["id"], image_urls, image.get(COPY_OF_PROPERTY))
+                    changed += len(page)
+                log.debug("sharing index: %d image(s) changed since %s", changed, index.since)
             index.since, index.read_at = since, started
             self._read_took = time.monotonic() - started
             self._updated = True
 
-    def _read(self, changed_since: str | None) -> Iterable[tuple[dict[str, Any], set[str]]]:
-        """Every image (or those changed since) as listed, with the URLs of its locations as far as they can be
-        seen: every URL, whatever its metadata says (the list does not fill in a converted cloud's stores)."""
-        for image in self.glance.list_images(changed_since=changed_since):
+    def _read(self, changed_since: str | None) -> Iterator[list[tuple[dict[str, Any], set[str]]]]:
+        """Every image (or those changed since) as listed, a page at a time, each with the URLs of its locations as
+        far as they can be seen: every URL, whatever its metadata says (the list does not fill in a converted
+        cloud's stores)."""
+        for page in self.glance.image_pages(changed_since=changed_since):
             # none where Glance hides them and the locations API is not known to answer (deletion asks
             # `locations` first, which sets the mode); whether it is a copy can be seen all the same
-            yield image, self.urls(image) if "locations" in image or self.mode == "api" else set()
+            yield [(image, self.urls(image) if "locations" in image or self.mode == "api" else set()) for image in page]

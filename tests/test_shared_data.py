@@ -191,13 +191,12 @@ def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
     later = _in_ceph(full_admin_conn, "late-sharing-later", noise(1000))
     glance = Glance(full_admin_conn)
     reads: list[str | None] = []
-    list_images = glance.list_images
+    list_images, image_pages = glance.list_images, glance.image_pages
 
-    def listed(limit: int | None = None, changed_since: str | None = None) -> Iterator[dict[str, Any]]:
+    def listed(limit: int | None = None, changed_since: str | None = None) -> Iterator[list[dict[str, Any]]]:
         reads.append(changed_since)  # which reads the index makes (Glance answers them as ever)
-        return list_images(limit, changed_since)
+        return image_pages(limit, changed_since)
 
-    monkeypatch.setattr(glance, "list_images", listed)
     index = LocationIndex()
     rows = list(discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index))
     assert original.id in {row.image_id for row, _ in rows}
@@ -213,6 +212,7 @@ def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
     stamped = (raw_image(full_admin_conn, later.id) or {})["updated_at"]
     assert later.id in {i["id"] for i in list_images(changed_since=stamped)}
     assert not list(list_images(changed_since="2999-01-01T00:00:00Z"))  # the filter is applied, not ignored
+    monkeypatch.setattr(glance, "image_pages", listed)  # the index's reads from now on
     shared = SharedData(glance, "ceph", legacy=False, index=index)
     assert shared.locations(image) is not None  # what deletion asks first
     assert shared.listing({url}, but=original.id) == {later.id}
@@ -241,23 +241,23 @@ def test_where_glance_hides_locations_the_index_reads_changed_images_through_the
     glance = Glance(full_admin_conn, service=full_lab.connect("lab-service"))
     reads: list[str | None] = []
     asked: list[str] = []
-    list_images, image_locations = glance.list_images, glance.image_locations
+    image_pages, image_locations = glance.image_pages, glance.image_locations
 
-    def listed(limit: int | None = None, changed_since: str | None = None) -> Iterator[dict[str, Any]]:
+    def listed(limit: int | None = None, changed_since: str | None = None) -> Iterator[list[dict[str, Any]]]:
         reads.append(changed_since)
-        return list_images(limit, changed_since)
+        return image_pages(limit, changed_since)
 
     def locations_of(image_id: str) -> list[dict[str, Any]] | None:
         asked.append(image_id)
         return image_locations(image_id)
 
-    monkeypatch.setattr(glance, "list_images", listed)
     monkeypatch.setattr(glance, "image_locations", locations_of)
     monkeypatch.setattr(sharing, "INDEX_MAX_AGE", 0.0)
     full_lab.reconfigure(HIDDEN)
     try:
         index = LocationIndex()
         list(discover(glance, [], "ceph", "s3", Strategy.COPY_IMAGE, legacy=False, index=index))
+        monkeypatch.setattr(glance, "image_pages", listed)  # the index's reads from now on
         assert index.since is None  # nothing seen: no index to trust
         shared = SharedData(glance, "ceph", legacy=False, index=index)
         hidden = raw_image(full_admin_conn, original.id)
