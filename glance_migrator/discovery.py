@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,18 +45,20 @@ def discover(
     """One row per image: pending, or already done / skipped, each with the reason for the event log.
 
     The rows come in the order they are to be recorded, and workers take images in it (see `Filters.order`).
-    They come as Glance's listing goes, a page at a time, and none is kept: memory does not grow with the
-    catalogue, except with `filters.order`, which sees every image before the first row (holding each as its
-    row, about 1.5 KiB). With location-swap, 0-byte images go by `empty_strategy` (copy-image) or are
-    skipped: see `classify`. A listing of every image (no `image_ids`) also fills `index` (the run's sharing
-    index: every image, whatever the filters), and tells `listed` how many images it has seen after each page;
-    it is read to its end whatever `filters.limit` says, so the index is whole once the last row has come.
+    They come as Glance's listing goes, a page at a time, and none is kept, only the ids of those taken (to take
+    each once, about 0.1 KiB an image): memory hardly grows with the catalogue, except with `filters.order`,
+    which sees every image before the first row (holding each as its row, about 1.5 KiB). With location-swap,
+    0-byte images go by `empty_strategy` (copy-image) or are skipped: see `classify`. A listing of every image
+    (no `image_ids`) also fills `index` (the run's sharing index: every image, whatever the filters), and tells
+    `listed` how many images it has seen after each page; it is read to its end whatever `filters.limit` says,
+    so the index is whole once the rows have all come.
     """
     if image_ids:
         images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]  # all, or none
     else:
         images = _list_every_image(glance, index, listed)
-    chosen = _chosen(images, filters, listed_all=not image_ids)
+    # with an order, the limit applies once every image is sorted
+    chosen = _chosen(images, filters, listed_all=not image_ids, take=None if filters.order else filters.limit)
 
     def _classified(image: dict[str, Any]) -> tuple[ImageRow, str | None]:
         return classify(image, from_store, to_store, strategy, legacy, empty_strategy)
@@ -67,19 +68,22 @@ def discover(
         keyed.sort(key=lambda pair: pair[0])
         yield from (row for _key, row in keyed[: filters.limit])
         return
-    yield from (_classified(image) for image in itertools.islice(chosen, filters.limit))
-    for _image in chosen:  # past the limit the listing is still read to its end (unclassified): it fills the index
-        pass
+    yield from (_classified(image) for image in chosen)
 
 
-def _chosen(images: Iterable[dict[str, Any]], filters: Filters, listed_all: bool) -> Iterator[dict[str, Any]]:
-    """The images the filters accept, each once; glance-migrator's own copies left out of a listing of every
-    image (location-swap's second images move with their originals, never on their own)."""
+def _chosen(
+    images: Iterable[dict[str, Any]], filters: Filters, listed_all: bool, take: int | None
+) -> Iterator[dict[str, Any]]:
+    """The images the filters accept, each once, the first `take` of them (all: None); glance-migrator's own copies
+    left out of a listing of every image (location-swap's second images move with their originals, never on their
+    own). Past `take`, the listing is still read to its end, none of it held: it fills the sharing index."""
     seen: set[str] = set()
     copies = 0
     for image in images:
         if image.get(COPY_OF_PROPERTY) and listed_all:
             copies += 1
+        elif take is not None and len(seen) >= take:
+            continue
         elif image["id"] not in seen and filters.accepts(image):
             seen.add(image["id"])
             yield image
@@ -90,16 +94,15 @@ def _chosen(images: Iterable[dict[str, Any]], filters: Filters, listed_all: bool
 def _list_every_image(
     glance: Glance, index: LocationIndex | None, listed: Callable[[int], None] | None
 ) -> Iterator[dict[str, Any]]:
-    """Every image, a page at a time, each added to `index`; how many so far is logged every LOG_EVERY_PAGES pages
+    """Every image, a page at a time, each page added to `index`; how many so far is logged every LOG_EVERY_PAGES pages
     (and told to `listed` after each page), a 50,000-image catalogue being a minute or more of listing."""
     if index is not None:
         index.begin(glance)
     count = pages = 0
     for page in glance.image_pages():
-        for image in page:
-            if index is not None:
-                index.add(image)
-            yield image
+        if index is not None:
+            index.add(page)
+        yield from page
         count, pages = count + len(page), pages + 1
         if listed is not None:
             listed(count)

@@ -50,7 +50,7 @@ def test_discovery_follows_every_page_when_glance_serves_fewer_images_than_asked
     assert all(row.state == State.PENDING for row, _ in rows)
     # Glance capped each page at 3 and its `next` link led on: 3 + 2 visible, then 3 hidden and an empty page.
     assert counts == [3, 5, 8, 8]
-    assert set(index.by_image) == {s.id for s in visible + hidden} and index.since is not None
+    assert index.images() == {s.id for s in visible + hidden} and index.since is not None
 
     # Rows come as the listing goes, none held: the first before the first page is even done.
     counts.clear()
@@ -68,7 +68,7 @@ def test_discovery_follows_every_page_when_glance_serves_fewer_images_than_asked
         filters=Filters(limit=2),
     )  # fmt: skip
     assert [row.image_id for row, _ in limited] == [row.image_id for row, _ in rows[:2]]
-    assert counts == [3, 5, 8, 8] and set(index.by_image) == {s.id for s in visible + hidden}
+    assert counts == [3, 5, 8, 8] and index.images() == {s.id for s in visible + hidden}
 
     # The CLI says how far the listing got, on stderr.
     proc = cli("run", "--dry-run", "--from-store", "old", "--to-store", "new", env=dict(lab.env()), check_rc=EXIT_OK)
