@@ -9,8 +9,8 @@ none), with the sizes of issue 11 (or, with --quick, smaller ones, to try the su
   copy-image driven by a bare script (benchmarks/copyimage.py);
 - locationswap: 2. location-swap of large images, spooled and --no-spool, against a plain streamed copy, and
   6. its peak memory across image sizes (benchmarks/bench.py);
-- discovery: 4. discovery and plan of 5,000 images against a bare listing, and 6. peak memory across catalogue
-  sizes (benchmarks/discovery.py);
+- discovery: 4. discovery and plan of 5,000 and 50,000 images against a bare listing, and 6. peak memory across
+  catalogue sizes (benchmarks/discovery.py);
 - statedb: 5. the state DB at 1,000, 100,000 and 1,000,000 rows (benchmarks/statedb.py).
 Each benchmark's own report also goes to its results-*.md (as when it runs alone; not with --quick); results.md
 holds the summary (each result against its baseline of the same run, and the issue's target) and all of them.
@@ -52,7 +52,7 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
     "discovery": (
         "benchmarks.discovery",
         "results-discovery.md",
-        ["--catalogues", "500,5000", "--run-limit", "5"],
+        ["--catalogues", "500,5000,50000", "--run-limit", "5"],
         ["--catalogues", "100,1000", "--run-limit", "2"],
     ),
     "statedb": (
