@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from glance_migrator.errors import CloudError
+from glance_migrator.errors import CloudError, UsageError
 from glance_migrator.glance import Glance
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class LocationIndex:
 
     def __init__(self) -> None:
         # "": a temporary on-disk database, private to this connection (calls come from several threads, one at
-        # a time under self._lock); nothing in it needs to survive a crash, so no journal and no fsync
+        # a time under self._lock); nothing in it needs to survive a crash, so no journal and no fsync (after a
+        # failed write the index is not trusted again: see _using)
         self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
         self._db.executescript(
             """
@@ -88,6 +89,7 @@ class LocationIndex:
             """
         )
         self._lock = threading.Lock()
+        self._failed: UsageError | None = None
         self.since: str | None = None  # None: no complete listing yet, the next read lists every image
         self.read_at: float | None = None  # time.monotonic() when the listing it holds began
         self._mark: tuple[str, float] | None = None
@@ -143,18 +145,37 @@ class LocationIndex:
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """One transaction (a statement each would be one each, many times slower)."""
-        with self._lock:
+        with self._using():
             self._db.execute("BEGIN")
             try:
                 yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have ended it already (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _using(self) -> Iterator[None]:
+        """The index's DB, one caller at a time. Its file failing (a full disk, say) stops the run, clearly, and
+        the index answers nothing more: without a journal a failed write can leave it half written, and a half
+        written index could miss an image that shares data about to be deleted."""
+        with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            try:
+                yield
+            except sqlite3.Error as e:
+                self._failed = UsageError(
+                    f"the sharing index's temporary file failed: {e}. It lives in $SQLITE_TMPDIR, $TMPDIR or "
+                    "/var/tmp (the first that is writable) and needs about 0.25 KiB per image: point SQLITE_TMPDIR "  # noqa: S108
+                    "at a directory with room, then `glance-migrator run --resume`"
+                )
+                raise self._failed from e
+
     def listing(self, urls: Collection[str]) -> set[str]:
         """Ids of the images that list one of `urls`."""
-        with self._lock:
+        with self._using():
             return {
                 image_id
                 for url in urls
@@ -163,12 +184,12 @@ class LocationIndex:
 
     def copies(self, image_id: str) -> set[str]:
         """Ids of the images made as glance-migrator's copies of this one."""
-        with self._lock:
+        with self._using():
             return {copy for (copy,) in self._db.execute("SELECT copy FROM copies WHERE original = ?", (image_id,))}
 
     def images(self) -> set[str]:
         """Ids of every image that lists a URL."""
-        with self._lock:
+        with self._using():
             return {image_id for (image_id,) in self._db.execute("SELECT DISTINCT image FROM lists")}
 
 

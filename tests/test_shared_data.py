@@ -14,7 +14,7 @@ from openstack.connection import Connection
 
 from glance_migrator import sharing
 from glance_migrator.discovery import discover
-from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL
+from glance_migrator.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from glance_migrator.glance import Glance
 from glance_migrator.sharing import LocationIndex, SharedData
 from glance_migrator.state import Strategy
@@ -180,6 +180,25 @@ def _events(db: Path, env: dict[str, str], image_id: str) -> list[dict[str, Any]
     cli("report", str(out), "--db", str(db), env=env, check_rc=EXIT_OK)
     (record,) = [r for r in json.loads(out.read_text()) if r["id"] == image_id]
     return list(record["events"])
+
+
+def test_a_full_disk_under_the_sharing_index_is_a_clear_error_and_the_index_answers_nothing_after() -> None:
+    """The index lives in a temporary SQLite file: when it cannot grow (here SQLite's own page limit, as a full
+    disk would), the run is told what to do, and no lookup is answered after: a half-written index could miss an
+    image that shares the data about to be deleted."""
+    index = LocationIndex()
+    index.add([{"id": "a", "locations": [{"url": "rbd://fsid/images/a/snap"}]}])
+    assert index.listing({"rbd://fsid/images/a/snap"}) == {"a"}
+    index._db.execute("PRAGMA max_page_count = 8")  # the index's file may not grow past 32 KiB
+    page = [{"id": f"img-{n}", "locations": [{"url": f"rbd://fsid/images/{n:0120d}/snap"}]} for n in range(2000)]
+    full = r"sharing index.s temporary file failed: database or disk is full.*SQLITE_TMPDIR.*run --resume"
+    with pytest.raises(UsageError, match=full):
+        index.add(page)
+    with pytest.raises(UsageError, match=full):
+        index.listing({"rbd://fsid/images/a/snap"})
+    with pytest.raises(UsageError, match=full):
+        index.copies("a")
+    index.close()
 
 
 def test_the_sharing_index_sees_images_that_start_sharing_data_after_discovery(
