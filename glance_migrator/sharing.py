@@ -149,7 +149,12 @@ class LocationIndex:
             self._db.execute("BEGIN")
             try:
                 yield
-            except BaseException:
+            except BaseException as e:
+                if not isinstance(e, sqlite3.Error):  # without a journal a rollback undoes nothing: see _using
+                    self._failed = UsageError(
+                        f"the sharing index was stopped while it was written ({type(e).__name__}); "
+                        "`glance-migrator run --resume` builds it again"
+                    )
                 if self._db.in_transaction:  # SQLite may have ended it already (a full disk)
                     self._db.execute("ROLLBACK")
                 raise
