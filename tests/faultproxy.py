@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import re
-import select
+import selectors
 import socket
 import struct
 import threading
@@ -39,7 +39,7 @@ MAX_HEAD: Final = 64 * 1024
 CONNECTION_DEADLINE: Final = 300.0  # no connection lives longer than this, whatever happens
 IDLE_TIMEOUT: Final = 120.0  # neither side sent a byte for this long: give up on the connection
 MAX_STALL: Final = 600.0
-TICK: Final = 0.2  # seconds between looks at the stop flag in every loop (reads wait in select() this long)
+TICK: Final = 0.2  # seconds between looks at the stop flag in every loop (reads wait this long for data)
 SEND_TIMEOUT: Final = 60.0  # a peer that takes no byte for this long: the connection is given up
 DRAIN_QUIET: Final = 10.0  # a 503's request body: stop reading it once the client sent nothing for this long
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection")
@@ -258,7 +258,7 @@ class FaultProxy:
         upstream: socket.socket | None = None
         method, target = "?", "?"
         try:
-            client.settimeout(SEND_TIMEOUT)  # for sendall(); every recv() comes after select() said it is ready
+            client.settimeout(SEND_TIMEOUT)  # for sendall(); every recv() comes after _ready() said it is ready
             deadline = time.monotonic() + CONNECTION_DEADLINE
             head, rest = self._read_head(client, deadline)
             if head is None:
@@ -361,8 +361,7 @@ class FaultProxy:
                 _reset(client)  # the stall is over: the client gave up long ago (or should have)
                 return
             readable = [client] if relay.hold_until else [client, upstream]  # a held answer waits upstream
-            ready, _, _ = select.select(readable, [], [], TICK)
-            for sock in ready:
+            for sock in _ready(readable):
                 data = sock.recv(1 << 20)
                 idle_until = time.monotonic() + IDLE_TIMEOUT
                 if not data:  # the client gave up, or upstream finished its answer (Connection: close)
@@ -454,8 +453,17 @@ class _Relay:
 
 
 def _readable(sock: socket.socket) -> bool:
-    ready, _, _ = select.select([sock], [], [], TICK)
-    return bool(ready)
+    return bool(_ready([sock]))
+
+
+def _ready(socks: list[socket.socket]) -> list[socket.socket]:
+    """Those of `socks` with something to read within TICK, in their order. epoll, not select(): by the end of the
+    suite the test process has more than 1,024 files open, past what select() takes."""
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        ready = {key.fileobj for key, _events in selector.select(TICK)}
+    return [sock for sock in socks if sock in ready]
 
 
 def _reset(sock: socket.socket) -> None:
