@@ -306,7 +306,7 @@ class SharedData:
             if index.since is None:  # nothing read yet (`run --resume`, --image, hidden locations): every image
                 fresh = LocationIndex()
                 for page in self._read(None):
-                    fresh.put((image["id"], image_urls, image.get(COPY_OF_PROPERTY)) for image, image_urls in page)
+                    fresh.put(page)
                 with self._lock:
                     self._index, old = fresh, index
                 index = fresh
@@ -317,18 +317,25 @@ class SharedData:
                 # (self._reading) before they look.
                 changed = 0
                 for page in self._read(index.since):
-                    index.put((image["id"], image_urls, image.get(COPY_OF_PROPERTY)) for image, image_urls in page)
+                    index.put(page)
                     changed += len(page)
                 log.debug("sharing index: %d image(s) changed since %s", changed, index.since)
             index.since, index.read_at = since, started
             self._read_took = time.monotonic() - started
             self._updated = True
 
-    def _read(self, changed_since: str | None) -> Iterator[list[tuple[dict[str, Any], set[str]]]]:
-        """Every image (or those changed since) as listed, a page at a time, each with the URLs of its locations as
-        far as they can be seen: every URL, whatever its metadata says (the list does not fill in a converted
-        cloud's stores)."""
+    def _read(self, changed_since: str | None) -> Iterator[list[tuple[str, set[str], str | None]]]:
+        """Every image (or those changed since) as listed, a page at a time, each as `LocationIndex.put` takes it:
+        its id, the URLs of its locations as far as they can be seen (every URL, whatever its metadata says: the
+        list does not fill in a converted cloud's stores) and the image it is a copy of."""
         for page in self.glance.image_pages(changed_since=changed_since):
             # none where Glance hides them and the locations API is not known to answer (deletion asks
             # `locations` first, which sets the mode); whether it is a copy can be seen all the same
-            yield [(image, self.urls(image) if "locations" in image or self.mode == "api" else set()) for image in page]
+            yield [
+                (
+                    image["id"],
+                    self.urls(image) if "locations" in image or self.mode == "api" else set(),
+                    image.get(COPY_OF_PROPERTY),
+                )
+                for image in page
+            ]
