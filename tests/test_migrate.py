@@ -8,7 +8,7 @@ import itertools
 import json
 import os
 import random
-import select
+import selectors
 import signal
 import socket
 import sqlite3
@@ -683,13 +683,15 @@ class _LogGate:
         self._shut.clear()
 
     def _read(self) -> None:
-        with self.log.open("ab") as out:
+        # epoll, not select(): select() takes no file descriptor past 1,023, and a long suite's process may be there
+        with self.log.open("ab") as out, selectors.DefaultSelector() as readable:
+            readable.register(self._read_end, selectors.EVENT_READ)
             while True:
                 if self._shut.is_set():
                     self._idle.set()
                     time.sleep(0.01)
                     continue
-                if not select.select([self._read_end], [], [], 0.05)[0]:
+                if not readable.select(0.05):
                     continue
                 data = os.read(self._read_end, 1 << 16)
                 if not data:
