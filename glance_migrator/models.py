@@ -57,6 +57,9 @@ class ImageRow(Base):
         ),
         # Leases held: a few rows (one per worker), found without reading the others.
         Index("ix_images_lease_owner", "run_id", "lease_owner"),
+        # `status`: the counts per state read this index alone, and the failed, blocked and skipped images are
+        # found in it without reading the others.
+        Index("ix_images_run_state", "run_id", "state"),
     )
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
@@ -74,7 +77,7 @@ class ImageRow(Base):
     os_hidden: Mapped[bool] = mapped_column(Boolean, default=False)
     # Where the migration stands.
     strategy: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(32))
     position: Mapped[int | None] = mapped_column(Integer)  # runs take their images in this order
     failed_at: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from glance_migrator.errors import IllegalTransition, StateDBError, UsageError
 from glance_migrator.glance import GlanceUnavailable
 from glance_migrator.models import ImageRow
+from glance_migrator.reports import report
 from glance_migrator.state import PATHS, TERMINAL, State, Strategy, check_transition, next_state, transitions
 from glance_migrator.statedb import INSERT_BATCH, LeaseLost, LeaseOwner, StateDB
 
@@ -170,22 +171,18 @@ def test_claims_go_in_run_order_skip_held_rows_and_take_a_dead_holders_row_first
     assert db.claim_next(run.id, me, set()) is None
 
 
-def test_claims_and_lease_lookups_read_an_index_not_every_row(db: StateDB) -> None:
-    """Taking the next image costs the same at 50 rows and 500,000: the plan for the claim's queries searches the
-    claim index (unfinished rows in run order) and the lease index, never the whole table (on PostgreSQL, whose
-    planner rightly prefers a scan of 3 rows, with sequential scans priced out)."""
-    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(i) for i in _ids(3)])
+def _plans_of(db: StateDB, action: Callable[[], object]) -> list[tuple[str, str]]:
+    """Each SELECT on images that `action` sent, with its query plan (on PostgreSQL with sequential scans priced out:
+    its planner rightly prefers a scan of 3 rows)."""
     statements: list[tuple[str, object]] = []
     listen = lambda conn, cursor, statement, params, context, many: statements.append((statement, params))  # noqa: E731
     sa.event.listen(db.engine, "before_cursor_execute", listen)
     try:
-        db.claim_next(run.id, LeaseOwner.me(), {"nothing"})
-        db.leased_by_others(run.id, [LeaseOwner.me()])
+        action()
     finally:
         sa.event.remove(db.engine, "before_cursor_execute", listen)
     selects = [(sql, params) for sql, params in statements if sql.lstrip().upper().startswith("SELECT")
                and "FROM images" in sql]  # fmt: skip
-    assert len(selects) == 3, statements
     sqlite = db.engine.dialect.name == "sqlite"
     with db.engine.connect() as conn:
         plans = []
@@ -195,15 +192,44 @@ def test_claims_and_lease_lookups_read_an_index_not_every_row(db: StateDB) -> No
             sql = statement.removesuffix(" FOR UPDATE SKIP LOCKED")  # (EXPLAIN alone takes no lock)
             explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
             rows = conn.exec_driver_sql(explain + sql, params)  # type: ignore[arg-type]
-            plans.append(" ".join(str(step[-1]) for step in rows))
+            plans.append((sql, " ".join(str(step[-1]) for step in rows)))
+    return plans
+
+
+def test_claims_and_lease_lookups_read_an_index_not_every_row(db: StateDB) -> None:
+    """Taking the next image costs the same at 50 rows and 500,000: the plan for the claim's queries searches the
+    claim index (unfinished rows in run order) and the lease index, never the whole table."""
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(i) for i in _ids(3)])
+
+    def claim() -> None:
+        db.claim_next(run.id, LeaseOwner.me(), {"nothing"})
+        db.leased_by_others(run.id, [LeaseOwner.me()])
+
+    plans = [plan for _sql, plan in _plans_of(db, claim)]
+    assert len(plans) == 3, plans
     assert "ix_images_claim" in plans[0], plans
-    if sqlite:
+    if db.engine.dialect.name == "sqlite":
         assert "USING INDEX ix_images_claim" in plans[0] and "TEMP B-TREE" not in plans[0], plans
         assert "ix_images_lease_owner" in plans[1], plans  # the live leases, for a dead holder's
         assert "USING INDEX ix_images_claim" in plans[2], plans  # waiting: the first 100 unfinished rows, in order
     else:  # PostgreSQL may serve the lease lookups from either index: both avoid reading the table whole
         assert "Sort" not in plans[0], plans  # read in index order: the first free row ends the scan
         assert not any("Seq Scan" in plan for plan in plans), plans
+
+
+def test_status_counts_and_problems_read_the_state_index_not_every_row(db: StateDB) -> None:
+    """`status` at 100,000 images: the counts per state come from the (run_id, state) index alone, and the failed,
+    blocked and skipped images are looked up in it, not found by reading every row of the run."""
+    run = db.create_run("old", "new", Strategy.COPY_IMAGE, None, [_row(i) for i in _ids(3)])
+    db.transition(run.id, _ids(3)[1], State.SKIPPED, "not active")
+    plans = _plans_of(db, lambda: report(db, run.id))
+    (counts,) = [plan for sql, plan in plans if "GROUP BY" in sql]
+    (problems,) = [plan for sql, plan in plans if "state IN" in sql]
+    assert "ix_images_run_state" in counts and "ix_images_run_state" in problems, plans
+    if db.engine.dialect.name == "sqlite":
+        assert "COVERING INDEX ix_images_run_state" in counts, plans  # the rows themselves are never read
+    else:
+        assert "Seq Scan" not in counts + problems, plans
 
 
 def test_an_image_of_several_gib_is_recorded_as_it_is(db: StateDB) -> None:

@@ -118,7 +118,7 @@ def test_status_reads_a_db_on_read_only_media_and_a_run_refuses_it_clearly(tmp_p
 
 def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(tmp_path: Path) -> None:
     """A state DB an older glance-migrator left mid-run (schema 0004) opens upgraded: its rows intact, the claim
-    index in place, sizes 64-bit."""
+    and status indexes in place, sizes 64-bit."""
     from alembic import command  # noqa: PLC0415 - only this test drives Alembic by hand
 
     from glance_migrator.statedb import _alembic_config  # noqa: PLC0415
@@ -142,7 +142,8 @@ def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(tmp_path: Path) -
     assert (row.image_id, row.size, row.state) == ("a", 3000000000, "pending")
     with db.engine.connect() as conn:
         indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("images")}
-        assert {"ix_images_claim", "ix_images_lease_owner"} <= indexes
+        assert {"ix_images_claim", "ix_images_lease_owner", "ix_images_run_state"} <= indexes
+        assert "ix_images_state" not in indexes  # 0007: (run_id, state) serves status in its place
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     db.close()
 
