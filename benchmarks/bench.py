@@ -128,7 +128,7 @@ def read_peak(peak: Path) -> tuple[int, float]:
 
 def step_times(db: Path, image_id: str) -> dict[str, float]:
     """Seconds spent reaching each state, from the events the tool recorded (its own clock)."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn, conn:
         rows = conn.execute("SELECT to_state, at FROM events WHERE image_id = ? ORDER BY id", (image_id,)).fetchall()
     times: dict[str, float] = {}
     previous: dt.datetime | None = None

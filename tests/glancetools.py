@@ -232,7 +232,7 @@ def count_in_db(db: Path, query: str, *params: Any) -> int:
     if not db.exists():
         return 0
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn, conn:
             return int(conn.execute(query, params).fetchone()[0])
     except sqlite3.OperationalError:
         return 0

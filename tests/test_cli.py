@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,7 +30,7 @@ COMMANDS = ["run", "status", "retry", "check", "report"]
 def _runs(db: Path) -> int:
     if not db.exists():
         return 0
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         return int(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
 
 
@@ -220,7 +221,7 @@ def test_corrupt_state_db_is_reported_and_left_alone(env: dict[str, str], tmp_pa
 def test_newer_schema_state_db_is_refused(env: dict[str, str], tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     cli("status", "--db", str(db), env=env)  # creates an empty, current DB
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE alembic_version SET version_num = 'zzzz'")
     proc = cli("status", "--db", str(db), env=env)
     assert proc.returncode == EXIT_STATE_DB and "newer glance-migrator" in proc.stderr

@@ -18,6 +18,7 @@ clear error (exit 2, no traceback) that changed nothing; once fixed, resume fini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -115,7 +116,7 @@ def _step_until(
 
 def _row(db: Path, image_id: str) -> dict[str, Any]:
     """The image's row in the state DB, read as an outsider would."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c, c:
         c.row_factory = sqlite3.Row
         found = c.execute("SELECT * FROM images WHERE image_id = ?", (image_id,)).fetchone()
     assert found is not None, f"{image_id} is not in the state DB"
@@ -123,7 +124,7 @@ def _row(db: Path, image_id: str) -> dict[str, Any]:
 
 
 def _events(db: Path, image_id: str) -> list[tuple[str, str]]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c, c:
         query = "SELECT to_state, message FROM events WHERE image_id = ? ORDER BY id"
         return [(str(state), str(message)) for state, message in c.execute(query, (image_id,))]
 

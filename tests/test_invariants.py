@@ -3,6 +3,7 @@ made by hand after a good run, and the checker has to fail on it, so that a scen
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def test_changed_metadata_a_leftover_lease_and_a_wrong_state_are_caught(
     check = _checker().check
     with pytest.raises(AssertionError, match="expected failed"):
         check(lab, admin_conn, db, lab.env(), images, faults={}, expect={images[0].id: "failed"})
-    with sqlite3.connect(db) as state:
+    with contextlib.closing(sqlite3.connect(db)) as state, state:
         state.execute("UPDATE images SET lease_owner = 'host:1:x' WHERE image_id = ?", (images[1].id,))
     with pytest.raises(AssertionError, match="leases left behind"):
         check(lab, admin_conn, db, lab.env(), images, faults={})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -227,7 +228,7 @@ def test_rbd_clone_child_blocks_the_image_until_it_is_gone_then_retry_finishes(
     # `retry`), and the image stays blocked with one blocked event.
     resumed = cli("run", "--resume", *args, env=env)
     assert resumed.returncode == EXIT_OK and "1 failed or blocked image(s) wait for" in resumed.stderr
-    with sqlite3.connect(db) as c:
+    with contextlib.closing(sqlite3.connect(db)) as c, c:
         assert c.execute("SELECT count(*) FROM events WHERE to_state = 'blocked'").fetchone()[0] == 1
     clone = {"RBD clone child": 1}
     invariants.check(full_lab, conn, db, env, [seeded], faults=clone, expect={seeded.id: "blocked"}, label="blocked")

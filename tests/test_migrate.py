@@ -271,7 +271,7 @@ def test_ctrl_c_finishes_the_step_in_flight_then_resume_completes(
     assert "finishing the steps in flight" in text and "Traceback" not in text
     doc = status_json(db, env)
     assert not doc["run"]["complete"] and doc["counts"]["done"] < len(images)
-    with sqlite3.connect(db) as conn:  # leases were released on the way out
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # leases were released on the way out
         assert conn.execute("SELECT count(*) FROM images WHERE lease_owner IS NOT NULL").fetchone()[0] == 0
     # A second Ctrl-C aborts at once, with the same exit code and nothing half-recorded.
     proc = cli_popen("run", "--resume", "--db", str(db), env=env, log=log)
@@ -322,7 +322,7 @@ def test_two_runners_on_one_db_never_work_on_the_same_image(
     assert wait_for(lambda: event_count(db) >= 1, timeout=60)
     b = cli_popen("run", "--resume", "--db", str(db), env=env, log=log_b)
     assert a.wait(timeout=300) in (EXIT_OK, EXIT_INTERRUPTED) and b.wait(timeout=300) in (EXIT_OK, EXIT_INTERRUPTED)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         steps = conn.execute(
             "SELECT image_id, to_state, count(*) FROM events WHERE from_state IS NOT NULL GROUP BY image_id, to_state"
         ).fetchall()

@@ -8,6 +8,7 @@ call runs the installed copy. So a module left out of the wheel, or a stale inst
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -113,7 +114,7 @@ def test_installed_into_a_fresh_venv_every_command_starts(kind: str, dists: dict
     db = tmp_path / "state.db"
     status = run(venv / "bin/glance-migrator", "status", "--db", db, rc=2)
     assert "holds no run yet" in status.stderr
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()
     where = run(venv / "bin/python", "-c", "import glance_migrator; print(glance_migrator.__file__)").stdout
     assert Path(where.strip()).is_relative_to(venv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 import subprocess
@@ -73,21 +74,21 @@ def test_truncated_sqlite_file_is_refused_and_not_modified(tmp_path: Path) -> No
 def test_db_from_a_newer_glance_migrator_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     StateDB.open(str(path)).close()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
     with pytest.raises(StateDBError, match="newer glance-migrator"):
         StateDB.open(str(path))
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("9999_from_the_future",)
 
 
 def test_sqlite_db_of_another_program_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("CREATE TABLE customers (id INTEGER)")
     with pytest.raises(StateDBError, match="something else"):
         StateDB.open(str(path))
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"customers"}
 
