@@ -17,6 +17,8 @@ at the end of the session and that path is printed (with -v, the path and start 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -119,6 +121,24 @@ def full_lab(_labs: _Labs, glance: str) -> Lab:
             pytrace=False,
         )
     return _labs.get("full_lab", glance)
+
+
+OPEN_FILES_BOUND = 256  # in the suite's process: 13-71 after each test now; select() takes no descriptor past 1,023
+
+
+@pytest.fixture(autouse=True)
+def _no_open_files_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves files open in the suite's process fails here, naming them: left to pile up (sqlite3
+    connections that only a full garbage collection closes), they pushed later tests' file descriptors past 1,023,
+    where a select() in a helper thread failed and a distant test with it."""
+    yield
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+            targets.append(str(fd.readlink()))
+    if len(targets) > OPEN_FILES_BOUND:
+        common = collections.Counter(targets).most_common(5)
+        pytest.fail(f"{request.node.nodeid} left {len(targets)} files open in the test process: {common}")
 
 
 def _sigterm_as_keyboard_interrupt() -> None:
