@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -86,13 +87,27 @@ def test_sdist_holds_the_sources_and_no_tests_benchmarks_or_dev_script(dists: di
     assert not unwanted, unwanted
 
 
-@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def _checkout_copy(to: Path) -> Path:
+    """The checkout's files as a clone has them (tracked, and new ones not ignored): no .venv, no build output."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode()  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # (a tracked file deleted in the working tree is not part of it)
+            (to / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, to / name)
+    return to
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist", "checkout"])
 def test_installed_into_a_fresh_venv_every_command_starts(kind: str, dists: dict[str, Path], tmp_path: Path) -> None:
-    """pip install of the sdist or the wheel into a new venv, run from a directory outside the checkout."""
+    """pip install of the wheel, the sdist or a checkout (`pip install ./glance-migrator`, as README's Install
+    section says: pip builds it in isolation, hatchling from PyPI) into a new venv, run from a directory outside
+    the checkout."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    source = _checkout_copy(tmp_path / "glance-migrator") if kind == "checkout" else dists[kind]
     pip = subprocess.run(
-        [venv / "bin/pip", "install", "-q", "--disable-pip-version-check", str(dists[kind])],
+        [venv / "bin/pip", "install", "-q", "--disable-pip-version-check", str(source)],
         capture_output=True,
         text=True,
         env=_clean_env(),
