@@ -117,15 +117,16 @@ def test_status_reads_a_db_on_read_only_media_and_a_run_refuses_it_clearly(tmp_p
         subprocess.run(["umount", str(ro)], check=True)
 
 
-def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(tmp_path: Path) -> None:
-    """A state DB an older glance-migrator left mid-run (schema 0004) opens upgraded: its rows intact, the claim
-    and status indexes in place, sizes 64-bit."""
+def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(state_url: str) -> None:
+    """A state DB an older glance-migrator left mid-run (schema 0004) opens upgraded, on SQLite and on PostgreSQL:
+    its rows intact, the claim and status indexes in place, and sizes 64-bit, so that an image of 2 GiB or more
+    fits (PostgreSQL refused one in 0004's 32-bit INTEGER: "integer out of range")."""
     from alembic import command  # noqa: PLC0415 - only this test drives Alembic by hand
 
     from glance_migrator.statedb import _alembic_config  # noqa: PLC0415
 
-    path = tmp_path / "old.db"
-    engine = sa.create_engine(f"sqlite:///{path}")
+    url = f"sqlite:///{state_url}" if "://" not in state_url else state_url
+    engine = sa.create_engine(url)
     config = _alembic_config()
     with engine.begin() as conn:
         config.attributes["connection"] = conn
@@ -134,13 +135,17 @@ def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(tmp_path: Path) -
                              "VALUES (1, '2026-01-01', 'old', 'new', 'copy-image')")  # fmt: skip
         conn.exec_driver_sql(
             "INSERT INTO images (run_id, image_id, status, size, os_hidden, strategy, state, position, attempts, "
-            "created_at, updated_at) VALUES (1, 'a', 'active', 3000000000, 0, 'copy-image', 'pending', 0, 0, "
+            "created_at, updated_at) VALUES (1, 'a', 'active', 2000000000, false, 'copy-image', 'pending', 0, 0, "
             "'2026-01-01', '2026-01-01')"
         )
     engine.dispose()
-    db = StateDB.open(str(path))
+    db = StateDB.open(state_url)
     (row,) = db.images(1)
-    assert (row.image_id, row.size, row.state) == ("a", 3000000000, "pending")
+    assert (row.image_id, row.size, row.state) == ("a", 2000000000, "pending")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE images SET size = 3000000000, after_size = 3000000000")
+    (row,) = db.images(1)
+    assert (row.size, row.after_size) == (3000000000, 3000000000)
     with db.engine.connect() as conn:
         indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("images")}
         assert {"ix_images_claim", "ix_images_lease_owner", "ix_images_run_state"} <= indexes
