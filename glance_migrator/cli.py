@@ -161,12 +161,13 @@ def _connector(
 
 def _open_db(db: str | None, readonly: bool = False) -> StateDB:
     """The state DB; a password typed into --db is used, with a warning: `ps` shows it to every user of the host."""
+    state_db = StateDB.open(db, readonly=readonly)  # a URL it cannot read is a usage error, raised here
     if db and "://" in db and any(db in arg for arg in sys.argv[1:]) and sa.make_url(db).password:
         logging.getLogger(__name__).warning(
             "the state DB's password is on the command line, where `ps` shows it to every user of this host: "
             "use --db @FILE, GLANCE_MIGRATOR_DB, PGPASSWORD or ~/.pgpass instead"
         )
-    return StateDB.open(db, readonly=readonly)
+    return state_db
 
 
 _CONSOLE_LOG = logging.StreamHandler(sys.stderr)

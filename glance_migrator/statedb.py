@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -55,11 +56,12 @@ def default_db_path() -> Path:
 
 
 def redact(url: str) -> str:
-    """The URL as logs, status and errors show it: any password replaced by ***."""
+    """The URL as logs, status and errors show it: any password replaced by ***, even in a URL SQLAlchemy cannot
+    read (a port that is not a number)."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
-        return url
+    except (sa_exc.ArgumentError, ValueError):
+        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def db_url(db: str | None) -> str:
@@ -172,6 +174,10 @@ class StateDB:
         path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
         if path is not None:
             _check_sqlite_file(path)
+        try:
+            sa.make_url(url)
+        except ValueError as e:  # a port that is not a number
+            raise UsageError(_unusable_url(url, e)) from None
         try:
             self = cls(url)
             self._upgrade()

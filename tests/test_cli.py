@@ -455,6 +455,7 @@ def test_status_and_report_read_a_large_run_while_a_runner_holds_the_write_lock(
         ("foo://bar", "--db foo://bar: not a state DB glance-migrator can use"),
         ("mysql://u@127.0.0.1/x", "give a SQLite file's path or postgresql+psycopg://"),
         ("postgresql+psycopg2://u:hunter2@127.0.0.1/x", "the PostgreSQL driver is not installed"),
+        ("postgresql://u:hunter2@127.0.0.1:54x/x", "--db postgresql+psycopg://u:***@127.0.0.1:54x/x: not a state DB"),
         ("@/nonexistent/db-url", "--db @/nonexistent/db-url: cannot read it"),
     ],
 )
