@@ -1,6 +1,6 @@
 """Every benchmark in one run: one summary table and every benchmark's report in benchmarks/results.md.
 
-    .venv/bin/python -m benchmarks [--quick] [--only copyimage,locationswap,discovery,statedb] [--note TEXT]
+    .venv/bin/python -m benchmarks [--quick] [--only copyimage,locationswap,discovery,statedb,multihost] [--note TEXT]
         [--out benchmarks/results.md]
 
 Runs, one after the other, each as its own process (each starts and stops its own lab, except statedb which needs
@@ -11,7 +11,9 @@ none), with the sizes of issue 11 (or, with --quick, smaller ones, to try the su
   6. its peak memory across image sizes (benchmarks/bench.py);
 - discovery: 4. discovery and plan of 5,000 and 50,000 images against a bare listing, and 6. peak memory across
   catalogue sizes (benchmarks/discovery.py);
-- statedb: 5. the state DB at 1,000, 100,000 and 1,000,000 rows (benchmarks/statedb.py).
+- statedb: 5. the state DB at 1,000, 100,000 and 1,000,000 rows (benchmarks/statedb.py);
+- multihost: 1, 2 and 4 runner processes on one PostgreSQL state DB against one on SQLite (issue 12;
+  benchmarks/multihost.py).
 Each benchmark's own report also goes to its results-*.md (as when it runs alone; not with --quick); results.md
 holds the summary (each result against its baseline of the same run, and the issue's target) and all of them.
 Prints the summary.
@@ -60,6 +62,12 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
         "results-statedb.md",
         ["--rows", "1000,100000,1000000"],
         ["--rows", "1000,10000,100000"],
+    ),
+    "multihost": (
+        "benchmarks.multihost",
+        "results-multihost.md",
+        ["--images", "40", "--processes", "1,2,4"],
+        ["--images", "10", "--processes", "1,2"],
     ),
 }
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from benchmarks.bench import _cpu_model, _load, _mem_gib, publish, seed, temporary_lab
+from benchmarks.bench import _cpu_model, _load, _mem_gib, publish, seed, summarize, temporary_lab
 from tests.glancetools import CLI
 from tests.lab import DEFAULT_STORES, Lab
 from tests.lab.postgres import Postgres
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="copy-image", choices=["copy-image", "location-swap"])
     parser.add_argument("--out", type=Path, default=HERE / "results-multihost.md", help="Markdown report")
     parser.add_argument("--note", default="", help="what else the machine was doing, for the report")
+    parser.add_argument("--summary", type=Path, help=argparse.SUPPRESS)  # for python -m benchmarks
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     started = dt.datetime.now(dt.UTC)
@@ -153,6 +154,24 @@ def main() -> None:
         finally:
             postgres.stop()
     publish(report(results, args, started, time.monotonic() - t0, _load()), args.out)
+    summarize(args.summary, summary_rows(results))
+
+
+def summary_rows(results: list[Result]) -> list[dict[str, str]]:
+    """One row per PostgreSQL configuration, against the one SQLite process of the same run (no target: issue 12
+    asks for the measurement)."""
+    base = results[0]
+    return [
+        {
+            "section": "7. several runner processes (issue 12)",
+            "what": f"{r.processes} process(es) on one PostgreSQL DB, {r.images} images",
+            "result": f"{r.rate / base.rate:.2f}x one process on SQLite ({r.rate:.2f} against {base.rate:.2f} "
+            "images/s); every process on the same 2 CPUs as Glance",
+            "target": "",
+            "verdict": "",
+        }
+        for r in results[1:]
+    ]
 
 
 if __name__ == "__main__":
