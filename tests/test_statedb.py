@@ -123,10 +123,9 @@ def test_a_db_of_the_previous_schema_is_upgraded_with_its_rows(state_url: str) -
     fits (PostgreSQL refused one in 0004's 32-bit INTEGER: "integer out of range")."""
     from alembic import command  # noqa: PLC0415 - only this test drives Alembic by hand
 
-    from glance_migrator.statedb import _alembic_config  # noqa: PLC0415
+    from glance_migrator.statedb import _alembic_config, db_url  # noqa: PLC0415
 
-    url = f"sqlite:///{state_url}" if "://" not in state_url else state_url
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(db_url(state_url))
     config = _alembic_config()
     with engine.begin() as conn:
         config.attributes["connection"] = conn
