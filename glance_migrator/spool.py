@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
@@ -111,3 +112,59 @@ class HashingStream:
         for chunk in self._chunks:
             self.hasher.update(chunk)
             yield chunk
+
+
+class Relay:
+    """The chunks of a download handed, as they come, to another thread that uploads them: a spooled location-swap
+    uploads its copy while the spool file is written, instead of after it.
+
+    At most DEPTH chunks wait (1 MiB each). The download never waits on an upload that has ended (failed): the
+    rest of its chunks go only to the spool file. A download that fails ends the upload with that error, so its
+    body is never completed with bytes that were not verified.
+    """
+
+    DEPTH: Final = 8
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self.DEPTH)
+        self._closed = threading.Event()  # the upload took its last chunk, or ended without
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The upload's side: each chunk as the download hands it on; an aborted download raises its error."""
+        try:
+            while (item := self._queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise RelayAborted("the download feeding this upload failed") from item
+                yield item
+        finally:
+            self.close()
+
+    def feed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The download's side: `chunks` passed through, each also handed on to the upload while it lasts."""
+        for chunk in chunks:
+            self._put(chunk)
+            yield chunk
+
+    def end(self, error: BaseException | None = None) -> None:
+        """The download is over: complete (the upload may finish its body) or failed (the upload fails)."""
+        self._put(error)
+
+    def close(self) -> None:
+        """The upload ended (done, failed, or never began): the download stops handing chunks on."""
+        self._closed.set()
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
+class RelayAborted(Exception):
+    """Raised into an upload fed by a Relay whose download failed."""

@@ -207,7 +207,7 @@ def test_image_deleted_during_copy_image(
 @pytest.mark.parametrize(
     ("target", "after", "spooled"),
     [
-        ("s3", "downloaded", True),  # only a spool file exists
+        ("s3", "downloaded", True),  # a spool file, and B uploaded beside the download, not yet recorded
         ("ceph", "created", True),  # B exists, unprotected, its data its own
         ("s3", "location-set", False),  # B protected, its data shared with the image (which has two locations)
         ("ceph", "protected", True),  # both protected by the tool; the other admin unprotects the image first
@@ -258,9 +258,11 @@ def test_image_deleted_during_location_swap(
 
 
 def _killed_after_download(
-    lab: Any, conn: Connection, tmp_path: Path, prefix: str
+    lab: Any, conn: Connection, tmp_path: Path, prefix: str, keep_copy: bool = False
 ) -> tuple[Seeded, list[Seeded], dict[str, str], Path, Path, Path]:
-    """A location-swap run to s3, spooled, killed once the first image's download is recorded."""
+    """A location-swap run to s3, spooled, killed once the first image's download is recorded. The copy B that the
+    download uploaded beside it is deleted, as when that upload fails, so that the copy must come from the spool
+    file (`keep_copy`: left for the resumed run to adopt)."""
     env = lab.env()
     victim, others = _images(conn, prefix)
     db, log, spool = tmp_path / "state.db", tmp_path / "run.log", tmp_path / "spool"
@@ -269,6 +271,10 @@ def _killed_after_download(
     at = _run_until(start, env, log, db, victim.id, "downloaded")
     assert at == "downloaded", f"killed at {at}, after the spool file was used"
     assert (spool / f"{victim.id}.img").stat().st_size == VICTIM_SIZE
+    (copy,) = copies_of(conn, victim.id)
+    assert copy["status"] == "active" and copy["size"] == VICTIM_SIZE, copy
+    if not keep_copy:
+        assert conn.image.delete(f"/images/{copy['id']}").status_code == 204
     return victim, others, env, db, log, spool
 
 
@@ -298,6 +304,24 @@ def test_spool_file_removed_after_download_is_downloaded_again(
     output = _finishes(full_lab, full_conn, env, db, [victim, *others], invariants, "spool file removed")
     assert "is missing; downloading the image again" in output, output
     _downloaded_again(db, victim)
+    assert list(spool.iterdir()) == []
+
+
+def test_copy_uploaded_beside_the_download_is_adopted_without_its_spool_file(
+    full_lab: Any, full_conn: Connection, tmp_path: Path, invariants: Invariants
+) -> None:
+    """Killed after the download, whose copy B was uploaded beside it; the spool file is removed between runs: the
+    resumed run verifies B against Glance's record and adopts it, without downloading the image again."""
+    victim, others, env, db, _, spool = _killed_after_download(full_lab, full_conn, tmp_path, "beside", True)
+    (copy,) = copies_of(full_conn, victim.id)
+    (spool / f"{victim.id}.img").unlink()
+    output = _finishes(full_lab, full_conn, env, db, [victim, *others], invariants, "spool file removed")
+    assert "downloading the image again" not in output, output
+    downloaded = [message for state, message in _events(db, victim.id) if state == "downloaded"]
+    assert len(downloaded) == 1 and f"copy {copy['id']} uploaded beside it" in downloaded[0], downloaded
+    created = [message for state, message in _events(db, victim.id) if state == "created"]
+    assert created == [f"copy {copy['id']} in s3: status, size and hashes verified"], created
+    assert _row(db, victim.id)["copy_image_id"] == copy["id"]
     assert list(spool.iterdir()) == []
 
 

@@ -7,11 +7,17 @@ may exist with zero copies). A and B then share one data object: deleting B woul
 serving nothing, so both are protected, and B is hidden and names A in COPY_OF_PROPERTY so that a run
 that crashed before recording B's id finds it again. Glance checks neither size nor hash when a
 location is added, so every hash is checked here.
+
+Spooled, the download also uploads B as it goes (a second thread fed the same chunks): the copy costs about one
+transfer, not a download then an upload. B made so is only a candidate, like any copy an earlier attempt left:
+create_copy adopts it once Glance's record of it (status, size, md5 and multihash, store) matches the image's,
+and uploads from the spool file when it does not, or when that upload failed.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -24,7 +30,7 @@ from glance_migrator.formats import ADVICE, FORMAT, HEAD, head_of, refusal
 from glance_migrator.glance import GlanceHTTPError, GlanceUnavailable, location_store, stores_holding
 from glance_migrator.models import ImageRow
 from glance_migrator.sharing import COPY_OF_PROPERTY
-from glance_migrator.spool import HashingStream, Spool
+from glance_migrator.spool import HashingStream, Relay, Spool
 from glance_migrator.state import State
 from glance_migrator.strategies import Step, StepContext, StepResult, current_image
 from glance_migrator.verify import DataHasher, check_unchanged, differences, fingerprint, hash_file, recorded
@@ -56,11 +62,12 @@ def download(ctx: StepContext, row: ImageRow) -> StepResult:
     check_unchanged(row, image, "before download")
     if ctx.spool is None:
         return StepResult("no spool (--no-spool): the data streams from the image into the copy, hashed on the way")
-    return StepResult(_spool_file(ctx, ctx.spool, row))
+    return StepResult(_spool_file(ctx, ctx.spool, row, copy_from=image))
 
 
-def _spool_file(ctx: StepContext, spool: Spool, row: ImageRow) -> str:
-    """The image's bytes in its spool file, verified: an earlier attempt's complete file, or a new download."""
+def _spool_file(ctx: StepContext, spool: Spool, row: ImageRow, copy_from: dict[str, Any] | None = None) -> str:
+    """The image's bytes in its spool file, verified: an earlier attempt's complete file, or a new download;
+    with `copy_from` (the image as just read), a new download also uploads a copy B as it goes."""
     path = spool.path(row.image_id)
     if path.exists():
         try:
@@ -68,13 +75,54 @@ def _spool_file(ctx: StepContext, spool: Spool, row: ImageRow) -> str:
             return f"spool file {path} from an earlier attempt is complete and verified"
         except IntegrityFailure:
             path.unlink()
+    copied = ""
 
     def fetch() -> DataHasher:
+        nonlocal copied
+        if copy_from is not None:
+            hasher, copied = _download_and_copy(ctx, spool, row, copy_from)
+            return hasher
         with ctx.glance.download(row.image_id) as chunks:
             return spool.write(row, chunks)
 
     hasher = _transfer(ctx, "the download", fetch)
-    return f"downloaded {hasher.size} bytes to {path}; {hasher.algo} and md5 match Glance's record"
+    return f"downloaded {hasher.size} bytes to {path}; {hasher.algo} and md5 match Glance's record{copied}"
+
+
+def _download_and_copy(ctx: StepContext, spool: Spool, row: ImageRow, source: dict[str, Any]) -> tuple[DataHasher, str]:
+    """Download into the spool file while a second thread uploads the same chunks into a new copy B. A download
+    that breaks or does not verify fails the upload and deletes B; an upload that fails deletes B and leaves the
+    verified spool file, which create_copy uploads. Says what became of B."""
+    copy_id = _create_copy_record(ctx, row, source)["id"]
+    relay = Relay(row.size or 0)
+    upload_error: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            ctx.glance.upload(copy_id, relay, row.size or 0, None if ctx.legacy else ctx.to_store)
+        except BaseException as e:  # noqa: BLE001 - handed to the downloading thread, which decides
+            upload_error.append(e)
+        finally:
+            relay.close()
+
+    uploader = threading.Thread(target=upload, name=f"upload-{copy_id[:8]}", daemon=True)
+    uploader.start()
+    try:
+        with ctx.glance.download(row.image_id) as chunks:
+            hasher = spool.write(row, relay.feed(chunks))
+    except BaseException as e:
+        relay.end(e)
+        uploader.join()
+        discard_copy(ctx, copy_id)
+        raise
+    relay.end()
+    uploader.join()
+    if upload_error:
+        discard_copy(ctx, copy_id)
+        why = upload_error[0]
+        log.warning("%s: the upload of a copy beside the download failed (%s); copy deleted", row.image_id, why)
+        return hasher, f"; the upload of a copy beside it failed ({why}): copy deleted"
+    return hasher, f"; copy {copy_id} uploaded beside it"
 
 
 def _transfer(ctx: StepContext, what: str, action: Callable[[], T]) -> T:
@@ -102,10 +150,13 @@ def create_copy(ctx: StepContext, row: ImageRow) -> StepResult:
     source = current_image(ctx, row.image_id)
     shared_urls = {loc["url"] for loc in _locations(source)}
     copies = ctx.glance.find_copies(COPY_OF_PROPERTY, row.image_id)
-    for copy in copies:
-        if _usable_copy(ctx, row, copy):
-            return StepResult(f"copy {copy['id']} already in {ctx.to_store}, verified", {"copy_image_id": copy["id"]})
-    drop_leftover_copies(ctx, row, copies, shared_urls)  # of an upload that died before its copy was recorded
+    usable = next((copy for copy in copies if _usable_copy(ctx, row, copy)), None)
+    # of an upload that died before its copy was recorded, or a second copy of an attempt that was taken over
+    drop_leftover_copies(ctx, row, [copy for copy in copies if copy is not usable], shared_urls)
+    if usable is not None:  # uploaded beside the download, or by an attempt that died before recording it
+        return StepResult(
+            f"copy {usable['id']} in {ctx.to_store}: status, size and hashes verified", {"copy_image_id": usable["id"]}
+        )
     again = _spool_again(ctx, row, source)
     last_error: Exception | None = None
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
