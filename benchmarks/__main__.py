@@ -49,7 +49,7 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
         "benchmarks.bench",
         "results-locationswap.md",
         ["--sizes", "64,256,1024"],
-        ["--sizes", "16,64"],
+        ["--sizes", "16,64", "--repeat", "1"],
     ),
     "discovery": (
         "benchmarks.discovery",

@@ -1,6 +1,6 @@
 """Throughput and memory of a location-swap migration (file store -> S3), against a plain streamed copy.
 
-    .venv/bin/python -m benchmarks.bench [--sizes 64,256,1024] [--out benchmarks/results-locationswap.md]
+    .venv/bin/python -m benchmarks.bench [--sizes 64,256,1024] [--repeat 3] [--out benchmarks/results-locationswap.md]
 
 Starts its own lab (Keystone + Glance with stores `old` (file) and `s3` (SeaweedFS)) in a temporary
 directory and, for each size, seeds images of random data into `old` and measures, each as a separate
@@ -9,9 +9,12 @@ process (wall time and peak RSS):
   with requests, no hashing; then the same hashing md5 and sha512 on the way: the bare hashed pipe that issue 11
   sets the copy step's target against (what any proven copy costs); the plain copy's ratio is reported beside it;
 - glance-migrator run --strategy location-swap --no-spool, then with --spool-dir, each on a fresh image.
+The largest size is measured --repeat times, the four variants in turn each round; its summary gives the median of
+the rounds (one run of a 1 GiB copy moves by 10-15% between runs on the same machine).
 Peak RSS is read by benchmarks/_peak.py (wait4() from here would count this process's own size).
 The tool's run also does its checks and a final hashed download (step `done`); the time of the copy alone
-(pending -> created: download, upload, verification of the copy) is read from its state DB's events.
+(pending -> created: download, upload, verification of the copy; spooled, the copy's upload runs beside the
+download) is read from its state DB's events.
 A measurement, not a test: nothing here asserts a timing.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -55,6 +59,7 @@ class Measure:
     rss_kib: int  # peak RSS of the process
     copy: float | None = None  # seconds of the copy alone
     steps: dict[str, float] = field(default_factory=dict)
+    round: int = 1  # which round of the size (--repeat)
 
 
 class RandomData:
@@ -154,11 +159,11 @@ def run_baseline(lab: Lab, conn: Any, image_id: str, size_mib: int, work: Path, 
 
 def run_tool(lab: Lab, image_id: str, size_mib: int, work: Path, spool: bool) -> Measure:
     name = "spool" if spool else "no-spool"
-    db = work / f"state-{size_mib}-{name}.db"
+    db = work / f"state-{size_mib}-{name}-{image_id[:8]}.db"  # a new DB for each round
     spool_args = ["--spool-dir", str(work / "spool")] if spool else ["--no-spool"]
     argv = [*CLI, "run", "--from-store", FROM, "--to-store", TO, "--strategy", "location-swap", *spool_args]
     argv += ["--image", image_id, "--db", str(db)]
-    log = work / f"tool-{size_mib}-{name}.log"
+    log = work / f"tool-{size_mib}-{name}-{image_id[:8]}.log"
     wall, rss, rc = measured(argv, {**os.environ, **lab.env()}, log)
     if rc:
         raise RuntimeError(f"glance-migrator failed (rc={rc}):\n{log.read_text()[-3000:]}")
@@ -184,7 +189,7 @@ def _load() -> str:
 def report(
     results: list[Measure], floor_kib: int, sizes: list[int], started: dt.datetime, total: float, load: list[str]
 ) -> str:
-    base = {m.size_mib: m for m in results if m.variant == BASELINE}
+    base = {(m.size_mib, m.round): m for m in results if m.variant == BASELINE}
     lines = [
         "# glance-migrator benchmark: location-swap, file store -> S3 (SeaweedFS), one image",
         "",
@@ -199,28 +204,33 @@ def report(
         "wall = the whole process (start-up, auth, create, copy; for the tool also discovery, checks, the",
         "location swap and the final hashed download). copy = the transfer alone: for the baseline timed",
         "inside it (GET -> PUT done), for the tool pending -> created from its state DB (download, spool",
-        "file if any, upload of the copy, hash checks). Ratios are tool / baseline of the same size.",
+        "file if any, upload of the copy (spooled: beside the download), hash checks). Ratios are tool /",
+        "baseline of the same size and round.",
         "MiB/s = size / seconds. RSS = peak resident set of the process (benchmarks/_peak.py).",
         "",
-        "| size MiB | variant | wall s | wall MiB/s | copy s | copy MiB/s | wall ratio | copy ratio "
+        "| size MiB | round | variant | wall s | wall MiB/s | copy s | copy MiB/s | wall ratio | copy ratio "
         "| peak RSS MiB | RSS ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in results:
-        b = base[m.size_mib]
+        b = base[m.size_mib, m.round]
         copy = m.copy or 0.0
         lines.append(
-            f"| {m.size_mib} | {m.variant} | {m.wall:.2f} | {m.size_mib / m.wall:.0f} | {copy:.2f} | "
+            f"| {m.size_mib} | {m.round} | {m.variant} | {m.wall:.2f} | {m.size_mib / m.wall:.0f} | {copy:.2f} | "
             f"{m.size_mib / copy if copy else 0:.0f} | {m.wall / b.wall:.2f} | {copy / b.copy if b.copy else 0:.2f} | "
             f"{m.rss_kib / 1024:.1f} | {m.rss_kib / b.rss_kib:.2f} |"
         )
     lines += ["", "Steps of the tool's runs (seconds to reach each state, from its state DB):", ""]
     for m in results:
         if m.steps:
-            lines.append(f"- {m.size_mib} MiB {m.variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.steps.items()))
+            steps = ", ".join(f"{k} {v:.2f}" for k, v in m.steps.items())
+            lines.append(f"- {m.size_mib} MiB {m.variant} (round {m.round}): {steps}")
     lines += ["", "Memory across sizes (peak RSS, largest size vs smallest):", ""]
     for variant in dict.fromkeys(m.variant for m in results):
-        rss = {m.size_mib: m.rss_kib for m in results if m.variant == variant}
+        rss: dict[int, int] = {}
+        for m in results:
+            if m.variant == variant:  # the largest of its rounds
+                rss[m.size_mib] = max(rss.get(m.size_mib, 0), m.rss_kib)
         lo, hi = rss[min(rss)], rss[max(rss)]
         spread = max(rss.values()) / min(rss.values())
         lines.append(
@@ -286,31 +296,45 @@ def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+def _median(results: list[Measure], size_mib: int, variant: str) -> Measure | None:
+    """The variant's round at this size with the median copy time (the lower middle of an even count)."""
+    runs = sorted((m for m in results if m.size_mib == size_mib and m.variant == variant), key=lambda m: m.copy or 0)
+    return runs[(len(runs) - 1) // 2] if runs else None
+
+
 def summary_rows(results: list[Measure]) -> list[dict[str, str]]:
-    """Location-swap of the largest size (copy step and whole run as speed against the baseline) and the memory."""
+    """Location-swap of the largest size (copy step and whole run as speed against the baseline: each variant's
+    median round) and the memory."""
     largest = max(m.size_mib for m in results)
-    base = next(m for m in results if m.size_mib == largest and m.variant == BASELINE)
-    hashed = next((m for m in results if m.size_mib == largest and m.variant == HASHED), None)
+    rounds = max(m.round for m in results if m.size_mib == largest)
+    base = _median(results, largest, BASELINE)
+    hashed = _median(results, largest, HASHED)
+    assert base is not None
+    judge = hashed if hashed and hashed.copy else base  # the target is against the hashed pipe (issue 11): a copy
+    # that is proven costs its hashing; the plain copy's ratio is given beside it
+    of = f"median of {rounds} rounds, " if rounds > 1 else ""
     rows = []
-    for m in results:
-        if m.size_mib == largest and not m.variant.startswith("baseline") and m.copy:
-            # the target is against the hashed pipe (issue 11): a copy that is proven costs its hashing; the plain
-            # copy's ratio is given beside it
-            judge = hashed if hashed and hashed.copy else base
-            speed = judge.copy / m.copy if judge.copy else 0.0
-            plain = f"; {base.copy / m.copy:.2f}x the plain copy's" if judge is not base and base.copy else ""
-            rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: copy step",
-                         "result": f"{speed:.2f}x the {'hashed ' if judge is hashed else ''}baseline's speed "
-                         f"({m.copy:.1f} s vs {judge.copy:.1f} s: "
-                         f"download{' to the spool' if 'spool-dir' in m.variant else ''} "
-                         f"{m.steps.get('downloaded', 0):.1f} s, upload and checks {m.steps.get('created', 0):.1f} s)"
-                         f"{plain}",
-                         "target": ">= 0.95", "verdict": verdict(speed >= 0.95)})  # fmt: skip
-            extra = ", ".join(f"{k} {v:.1f} s" for k, v in m.steps.items() if k not in ("downloaded", "created"))
-            rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: whole run",
-                         "result": f"{judge.wall / m.wall:.2f}x the {'hashed ' if judge is hashed else ''}baseline's "
-                         f"speed ({m.wall:.1f} s vs {judge.wall:.1f} s); besides the copy: {extra}",
-                         "target": "", "verdict": ""})  # fmt: skip
+    for variant in dict.fromkeys(m.variant for m in results if not m.variant.startswith("baseline")):
+        m = _median(results, largest, variant)
+        if m is None or not m.copy or not judge.copy:
+            continue
+        speed = judge.copy / m.copy
+        speeds = sorted(f"{judge.copy / r.copy:.2f}" for r in results
+                        if r.size_mib == largest and r.variant == variant and r.copy)  # fmt: skip
+        plain = f"; {base.copy / m.copy:.2f}x the plain copy's" if judge is not base and base.copy else ""
+        down = "download to the spool, the copy uploaded beside it" if "spool-dir" in m.variant else "download"
+        rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: copy step",
+                     "result": f"{speed:.2f}x the {'hashed ' if judge is hashed else ''}baseline's speed "
+                     f"({of}{m.copy:.1f} s vs {judge.copy:.1f} s: {down} {m.steps.get('downloaded', 0):.1f} s, "
+                     f"{'adopting the copy' if 'spool-dir' in m.variant else 'upload'} and checks "
+                     f"{m.steps.get('created', 0):.1f} s){plain}"
+                     + (f"; each round against the median baseline: {', '.join(speeds)}" if rounds > 1 else ""),
+                     "target": ">= 0.95", "verdict": verdict(speed >= 0.95)})  # fmt: skip
+        extra = ", ".join(f"{k} {v:.1f} s" for k, v in m.steps.items() if k not in ("downloaded", "created"))
+        rows.append({"section": "2. location-swap, large", "what": f"{m.variant}, {largest} MiB: whole run",
+                     "result": f"{judge.wall / m.wall:.2f}x the {'hashed ' if judge is hashed else ''}baseline's "
+                     f"speed ({m.wall:.1f} s vs {judge.wall:.1f} s); besides the copy: {extra}",
+                     "target": "", "verdict": ""})  # fmt: skip
     tool = [m for m in results if not m.variant.startswith("baseline")]
     peak = max(m.rss_kib for m in tool)
     spread = max(m.rss_kib for m in tool) / min(m.rss_kib for m in tool)
@@ -322,9 +346,26 @@ def summary_rows(results: list[Measure]) -> list[dict[str, str]]:
     return rows
 
 
+def measure_size(lab: Lab, conn: Any, root: Path, size_mib: int, round_: int) -> list[Measure]:
+    """One round of a size: both baselines and the tool --no-spool on one image, the tool spooled on another."""
+    size, what, found = size_mib * MIB, f"bench: {size_mib} MiB (round {round_})", []
+    print(f"{what}: seeding", file=sys.stderr)
+    first = seed(conn, f"bench-{size_mib}-{round_}-a", size)
+    for label, run in [
+        ("baseline", lambda: run_baseline(lab, conn, first, size_mib, root)),
+        ("hashed baseline", lambda: run_baseline(lab, conn, first, size_mib, root, hashed=True)),
+        ("--no-spool", lambda: run_tool(lab, first, size_mib, root, spool=False)),
+        ("--spool-dir", lambda: run_tool(lab, seed(conn, f"bench-{size_mib}-{round_}-b", size), size_mib, root, True)),
+    ]:
+        found.append(dataclasses.replace(run(), round=round_))
+        print(f"{what}: {label} {found[-1].wall:.1f} s", file=sys.stderr)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,256,1024", help="image sizes in MiB, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the largest size (median reported)")
     parser.add_argument("--out", type=Path, default=HERE / "results-locationswap.md", help="Markdown report")
     parser.add_argument("--summary", type=Path, help=argparse.SUPPRESS)  # for python -m benchmarks
     args = parser.parse_args()
@@ -336,19 +377,8 @@ def main() -> None:
     with temporary_lab("glance-migrator-bench-", STORES) as (root, lab):
         conn = lab.connect()
         floor = floor_rss(lab, root)
-        for size_mib in sizes:
-            size = size_mib * MIB
-            print(f"bench: {size_mib} MiB: seeding", file=sys.stderr)
-            first = seed(conn, f"bench-{size_mib}-a", size)
-            results.append(run_baseline(lab, conn, first, size_mib, root))
-            print(f"bench: {size_mib} MiB: baseline {results[-1].wall:.1f} s", file=sys.stderr)
-            results.append(run_baseline(lab, conn, first, size_mib, root, hashed=True))
-            print(f"bench: {size_mib} MiB: hashed baseline {results[-1].wall:.1f} s", file=sys.stderr)
-            results.append(run_tool(lab, first, size_mib, root, spool=False))
-            print(f"bench: {size_mib} MiB: --no-spool {results[-1].wall:.1f} s", file=sys.stderr)
-            second = seed(conn, f"bench-{size_mib}-b", size)
-            results.append(run_tool(lab, second, size_mib, root, spool=True))
-            print(f"bench: {size_mib} MiB: --spool-dir {results[-1].wall:.1f} s", file=sys.stderr)
+        for size_mib, round_ in ((n, r) for n in sizes for r in range(1, (args.repeat if n == sizes[-1] else 1) + 1)):
+            results += measure_size(lab, conn, root, size_mib, round_)
             load.append(_load())
     publish(report(results, floor, sizes, started, time.monotonic() - t0, load), args.out)
     summarize(args.summary, summary_rows(results))
