@@ -54,7 +54,9 @@ def discover(
     so the index is whole once the rows have all come.
     """
     if image_ids:
-        images: Iterable[dict[str, Any]] = [_fetch(glance, image_id) for image_id in image_ids]  # all, or none
+        listed_ids = glance.images_by_id(image_ids)
+        # all, or none: an id that no list showed is read alone (a Glance without `id=in:`), or is no image
+        images: Iterable[dict[str, Any]] = [listed_ids.get(i) or _fetch(glance, i) for i in image_ids]
     else:
         images = _list_every_image(glance, index, listed)
     # with an order, the limit applies once every image is sorted
