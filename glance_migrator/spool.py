@@ -8,7 +8,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import platformdirs
 
@@ -19,6 +19,7 @@ from glance_migrator.verify import DataHasher
 PRIVATE_DIR: Final = 0o700
 PRIVATE_FILE: Final = 0o600
 HEADROOM: Final = 64 << 20  # bytes kept free beside the spool file, so the disk never fills to the last byte
+WRITE_BEHIND: Final = 32 << 20  # every this many bytes, the spool file's written pages are sent to disk and dropped
 
 
 def default_spool_dir() -> Path:
@@ -61,9 +62,14 @@ class Spool:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
         try:
             with os.fdopen(fd, "wb") as f:
+                pending = 0
                 for chunk in chunks:
                     hasher.update(chunk)
                     f.write(chunk)
+                    pending += len(chunk)
+                    if pending >= WRITE_BEHIND:
+                        _write_behind(f)
+                        pending = 0
                 f.flush()
                 os.fsync(f.fileno())
             hasher.check(row, "download")
@@ -112,6 +118,15 @@ class HashingStream:
         for chunk in self._chunks:
             self.hasher.update(chunk)
             yield chunk
+
+
+def _write_behind(f: BinaryIO) -> None:
+    """Start writing the file's dirty pages to disk now and drop those already written from the page cache: the
+    final fsync then waits for the last few MiB, not the whole image (0.35 s per GiB here), and a 100 GiB image
+    does not push everything else out of the host's page cache. Linux; elsewhere the fsync does it all."""
+    f.flush()
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 class Relay:
