@@ -134,8 +134,9 @@ class Relay:
     uploads its copy while the spool file is written, instead of after it.
 
     At most DEPTH chunks wait (1 MiB each). The download never waits on an upload that has ended (failed): the
-    rest of its chunks go only to the spool file. A download that fails ends the upload with that error, so its
-    body is never completed with bytes that were not verified.
+    rest of its chunks go only to the spool file. A download that breaks ends the upload with an error, so the
+    upload does not finish a short body. Nothing here proves the bytes: the caller deletes a copy whose download
+    did not verify, and adopts one only once Glance's record of it matches the image's.
     """
 
     DEPTH: Final = 8
