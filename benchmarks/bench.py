@@ -350,12 +350,16 @@ def measure_size(lab: Lab, conn: Any, root: Path, size_mib: int, round_: int) ->
     """One round of a size: both baselines and the tool --no-spool on one image, the tool spooled on another."""
     size, what, found = size_mib * MIB, f"bench: {size_mib} MiB (round {round_})", []
     print(f"{what}: seeding", file=sys.stderr)
-    first = seed(conn, f"bench-{size_mib}-{round_}-a", size)
+    first, second = (seed(conn, f"bench-{size_mib}-{round_}-{x}", size) for x in "ab")
+    # Both images seeded before anything is timed, and their bytes on disk: else the kernel writes the image seeded
+    # last behind (30 s after) while the next variant runs, on the same disk and CPUs (it put the spooled run, right
+    # after its seed, 0.06-0.08x below --no-spool in two whole runs; seeded alike, the two were level).
+    os.sync()
     for label, run in [
         ("baseline", lambda: run_baseline(lab, conn, first, size_mib, root)),
         ("hashed baseline", lambda: run_baseline(lab, conn, first, size_mib, root, hashed=True)),
         ("--no-spool", lambda: run_tool(lab, first, size_mib, root, spool=False)),
-        ("--spool-dir", lambda: run_tool(lab, seed(conn, f"bench-{size_mib}-{round_}-b", size), size_mib, root, True)),
+        ("--spool-dir", lambda: run_tool(lab, second, size_mib, root, spool=True)),
     ]:
         found.append(dataclasses.replace(run(), round=round_))
         print(f"{what}: {label} {found[-1].wall:.1f} s", file=sys.stderr)
