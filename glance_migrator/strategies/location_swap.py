@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO, Final, TypeVar
 
 import requests
 
@@ -99,7 +99,7 @@ def _download_and_copy(ctx: StepContext, spool: Spool, row: ImageRow, source: di
 
     def upload() -> None:
         try:
-            ctx.glance.upload(copy_id, relay, row.size or 0, None if ctx.legacy else ctx.to_store)
+            _upload_data(ctx, copy_id, relay, row.size or 0)
         except BaseException as e:  # noqa: BLE001 - handed to the downloading thread, which decides
             upload_error.append(e)
         finally:
@@ -262,12 +262,17 @@ def _upload(ctx: StepContext, row: ImageRow, copy_id: str) -> DataHasher | None:
     if ctx.spool is not None:
         path = ctx.spool.path(row.image_id)
         with path.open("rb") as data:
-            ctx.glance.upload(copy_id, data, path.stat().st_size, None if ctx.legacy else ctx.to_store)
+            _upload_data(ctx, copy_id, data, path.stat().st_size)
         return None
     with ctx.glance.download(row.image_id) as chunks:
         stream = HashingStream(chunks, row.size or 0, row.os_hash_algo)
-        ctx.glance.upload(copy_id, stream, row.size or 0, None if ctx.legacy else ctx.to_store)
+        _upload_data(ctx, copy_id, stream, row.size or 0)
     return stream.hasher
+
+
+def _upload_data(ctx: StepContext, copy_id: str, data: BinaryIO | Iterable[bytes], size: int) -> None:
+    """PUT the copy's data into the target store (a single-store Glance writes to its default_store: no header)."""
+    ctx.glance.upload(copy_id, data, size, None if ctx.legacy else ctx.to_store)
 
 
 def _copy(ctx: StepContext, row: ImageRow) -> dict[str, Any]:
